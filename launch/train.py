@@ -1,0 +1,11 @@
+"""Training entry point: `accelerate launch launch/train.py --config <recipe>` or plain `python launch/train.py ...`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from medtune.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Rows -> token ids with a completion-only label mask -> best-fit-decreasing packed rows, cached on disk.
+
+Packing is TRL's `pack_dataset(strategy="bfd")`: whole samples are placed into `max_length` slots and each
+packed row keeps `seq_lengths`, from which TRL's padding-free collator rebuilds position_ids that restart at 0 for
+every sample. transformers turns restarting position_ids into a block-diagonal attention mask (SDPA / eager) or
+varlen kernels (flash attention), so samples packed together never attend to each other.
+
+The result is saved under `data_cache_dir/<fingerprint>/`. The fingerprint covers the data files (path, size,
+mtime) or the hub dataset's own fingerprint, the tokenizer vocabulary, the chat template, max_length and the
+options below. One process builds it under a file lock while the others wait on the lock, not in a collective,
+so a long tokenization never trips a NCCL/gloo timeout; every later run (and every other rank) loads it instantly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from medtune import chat_format
+from medtune.data.rows import RowReport, hub_splits, is_local, local_files, read_rows
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_VERSION = 1  # bump when the encoding or packing changes meaning
+ENCODE_BATCH = 1000
+
+
+@dataclass
+class DataStats:
+    """Counts for one split, reported in the console, W&B and stats.json."""
+
+    rows_read: int = 0
+    rows_kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    truncated: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    packed_rows: int = 0
+    packing_efficiency: float = 0.0
+    fingerprint: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self, name: str) -> str:
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return (
+            f"{name}: read {self.rows_read} rows, kept {self.rows_kept}, skipped {sum(self.skipped.values())} "
+            f"({skipped}), truncated {self.truncated}; {self.tokens} tokens ({self.loss_tokens} in the loss) packed "
+            f"into {self.packed_rows} rows, packing efficiency {self.packing_efficiency:.3f}"
+        )
+
+
+@dataclass
+class PreparedData:
+    train: "datasets.Dataset"  # noqa: F821
+    eval: "datasets.Dataset | None"  # noqa: F821
+    stats: DataStats
+    eval_stats: DataStats | None
+    cache_dir: Path
+
+
+def encode_rows(rows: list[dict], tokenizer, max_length: int, overlong: str, completion_only_loss: bool,
+                stats: DataStats, report: RowReport) -> dict[str, list]:
+    """input_ids + labels (-100 outside the reply when completion_only_loss) for rows that fit or were truncated."""
+    out = {"input_ids": [], "labels": []}
+    for start in range(0, len(rows), ENCODE_BATCH):
+        batch = rows[start:start + ENCODE_BATCH]
+        for row, (ids, mask) in zip(batch, chat_format.encode_examples(tokenizer, batch)):
+            if len(ids) > max_length:
+                prompt_len = mask.index(1)
+                if overlong == "drop" or prompt_len >= max_length:
+                    report.skip("too_long" if overlong == "drop" else "prompt_too_long", row["where"])
+                    continue
+                # Keep the whole prompt and as much of the reply as fits.
+                ids, mask = ids[:max_length], mask[:max_length]
+                stats.truncated += 1
+            labels = [t if m or not completion_only_loss else -100 for t, m in zip(ids, mask)]
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            stats.tokens += len(ids)
+            stats.loss_tokens += sum(1 for x in labels if x != -100)
+    return out
+
+
+def build_split(rows: list[dict], report: RowReport, tokenizer, max_length: int, overlong: str,
+                completion_only_loss: bool, packing: bool, fingerprint: str):
+    import datasets
+    from trl import pack_dataset
+
+    stats = DataStats(rows_read=report.rows_read, fingerprint=fingerprint)
+    encoded = encode_rows(rows, tokenizer, max_length, overlong, completion_only_loss, stats, report)
+    stats.rows_kept = len(encoded["input_ids"])
+    stats.skipped = dict(report.skipped)
+    stats.skipped_examples = {k: list(v) for k, v in report.examples.items()}
+    if stats.rows_kept == 0:
+        raise ValueError(f"no usable rows: {stats.summary('data')}; check the file's columns (instruction, input, output)")
+    dataset = datasets.Dataset.from_dict(encoded)
+    if packing:
+        dataset = pack_dataset(dataset, max_length, strategy="bfd")
+    else:
+        dataset = dataset.map(lambda ex: {"seq_lengths": [len(ex["input_ids"])]})
+    stats.packed_rows = len(dataset)
+    stats.packing_efficiency = stats.tokens / (stats.packed_rows * max_length)
+    return dataset, stats
+
+
+def _source_fingerprint(source: str, config: str | None) -> str:
+    if is_local(source):
+        return json.dumps([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in local_files(source)])
+    import datasets
+
+    builder = datasets.load_dataset_builder(source, config)
+    return f"{source}|{config}|{builder.hash}"
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(vocab.encode()).hexdigest()
+
+
+def fingerprint(recipe, tokenizer) -> str:
+    d, t = recipe.data, recipe.training
+    parts = {
+        "version": PIPELINE_VERSION,
+        "train": _source_fingerprint(d.dataset_name, d.dataset_config),
+        "eval": _source_fingerprint(d.eval_dataset_name, None) if d.eval_dataset_name else None,
+        "splits": [d.train_split, d.eval_split, d.eval_split_size, d.max_train_samples, d.max_eval_samples, t.seed],
+        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "template": [chat_format.CHAT_TEMPLATE, chat_format.USER_PREFIX, chat_format.ASSISTANT_PREFIX],
+        "options": [t.max_length, d.overlong, _completion_only(recipe), t.packing],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _completion_only(recipe) -> bool:
+    return recipe.training.completion_only_loss is not False  # TRL's default (None) means completion-only
+
+
+def _read_splits(recipe):
+    """(train rows, train report, eval rows or None, eval report or None), resolving where eval comes from."""
+    d = recipe.data
+    train_rows, train_report = read_rows(d.dataset_name, d.train_split, d.dataset_config, d.max_train_samples)
+    eval_split = None if (d.eval_split or "none").lower() == "none" else d.eval_split
+    if eval_split is None:
+        eval_rows, eval_report = None, None
+    elif d.eval_dataset_name:
+        eval_rows, eval_report = read_rows(d.eval_dataset_name, "train", None, d.max_eval_samples)
+    elif not is_local(d.dataset_name) and eval_split in hub_splits(d.dataset_name, d.dataset_config):
+        eval_rows, eval_report = read_rows(d.dataset_name, eval_split, d.dataset_config, d.max_eval_samples)
+    elif d.eval_split_size > 0:
+        # No eval split: hold out a seeded fraction of train, reported as such.
+        import random
+
+        rng = random.Random(recipe.training.seed)
+        order = list(range(len(train_rows)))
+        rng.shuffle(order)
+        n_eval = max(1, int(len(train_rows) * d.eval_split_size))
+        if d.max_eval_samples is not None:
+            n_eval = min(n_eval, d.max_eval_samples)
+        held = set(order[:n_eval])
+        eval_rows = [r for i, r in enumerate(train_rows) if i in held]
+        train_rows = [r for i, r in enumerate(train_rows) if i not in held]
+        eval_report = RowReport(rows_read=len(eval_rows))
+        train_report.rows_read -= len(eval_rows)
+        logger.info("no %r split: held out %d train rows (eval_split_size=%s) for evaluation", eval_split,
+                    len(eval_rows), d.eval_split_size)
+    else:
+        eval_rows, eval_report = None, None
+    return train_rows, train_report, eval_rows, eval_report
+
+
+def _load_cached(path: Path) -> PreparedData:
+    import datasets
+
+    meta = json.loads((path / "stats.json").read_text())
+    eval_stats = DataStats(**meta["eval"]) if meta["eval"] else None
+    return PreparedData(
+        train=datasets.load_from_disk(str(path / "train")),
+        eval=datasets.load_from_disk(str(path / "eval")) if eval_stats else None,
+        stats=DataStats(**meta["train"]),
+        eval_stats=eval_stats,
+        cache_dir=path,
+    )
+
+
+def prepare_dataset(recipe, tokenizer) -> PreparedData:
+    """Tokenized + packed train/eval datasets for `recipe`, from the on-disk cache when it is there."""
+    from filelock import FileLock
+
+    fp = fingerprint(recipe, tokenizer)
+    root = Path(recipe.data.data_cache_dir).expanduser()
+    path = root / fp
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{fp}.lock")):
+        if (path / "stats.json").exists():
+            prepared = _load_cached(path)
+            logger.info("data cache hit: %s", path)
+        else:
+            start = time.perf_counter()
+            t = recipe.training
+            train_rows, train_report, eval_rows, eval_report = _read_splits(recipe)
+            opts = dict(tokenizer=tokenizer, max_length=t.max_length, overlong=recipe.data.overlong,
+                        completion_only_loss=_completion_only(recipe), packing=t.packing, fingerprint=fp)
+            train, train_stats = build_split(train_rows, train_report, **opts)
+            evald, eval_stats = build_split(eval_rows, eval_report, **opts) if eval_rows else (None, None)
+            # Write to a temporary folder and rename: a killed run never leaves a half-written cache behind.
+            tmp = root / f".{fp}.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            train.save_to_disk(str(tmp / "train"))
+            if evald is not None:
+                evald.save_to_disk(str(tmp / "eval"))
+            meta = {"train": train_stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None}
+            (tmp / "stats.json").write_text(json.dumps(meta, indent=2))
+            os.replace(tmp, path)
+            prepared = _load_cached(path)
+            logger.info("data prepared in %.1fs, cached at %s", time.perf_counter() - start, path)
+    logger.info(prepared.stats.summary("train"))
+    if prepared.eval_stats:
+        logger.info(prepared.eval_stats.summary("eval"))
+    return prepared

@@ -1,0 +1,95 @@
+"""Loading Starling (or the tiny demo model) in 4-bit for QLoRA, the way each launcher needs it."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from medtune.chat_format import CHAT_TEMPLATE, END_OF_TURN, PAD_TOKEN
+
+logger = logging.getLogger(__name__)
+
+
+def compute_dtype(name: str | None) -> torch.dtype:
+    """`auto`: bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU (which has no fast fp16 matmul)."""
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def resolve_precision(training_args) -> None:
+    """fp16 recipes train in bf16 on GPUs that have it (same memory, no loss scaling); CPUs train in fp32."""
+    if not torch.cuda.is_available():
+        if training_args.fp16 or training_args.bf16:
+            logger.warning("no GPU: mixed precision (fp16/bf16) is off, training in fp32")
+        training_args.fp16 = training_args.bf16 = False
+    elif training_args.fp16 and torch.cuda.is_bf16_supported():
+        logger.info("GPU supports bf16: using bf16 mixed precision instead of fp16")
+        training_args.fp16, training_args.bf16 = False, True
+
+
+def zero3_enabled() -> bool:
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def load_tokenizer(recipe_or_path):
+    """Starling's tokenizer with eos = <|end_of_turn|>, pad = <|pad_0|> and the chat template set."""
+    from transformers import AutoTokenizer
+
+    path = getattr(getattr(recipe_or_path, "model", None), "model_name_or_path", recipe_or_path)
+    tok = AutoTokenizer.from_pretrained(path)
+    if END_OF_TURN not in tok.get_vocab():
+        raise ValueError(f"{path}: tokenizer has no {END_OF_TURN} token; medtune expects Starling's tokenizer")
+    tok.eos_token = END_OF_TURN
+    if tok.pad_token is None:
+        tok.pad_token = PAD_TOKEN
+    tok.chat_template = tok.chat_template or CHAT_TEMPLATE
+    return tok
+
+
+def quantization_config(model_args, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # Under ZeRO-3 the 4-bit weights are sharded like any parameter, which needs them stored in a float dtype
+    # equal to the compute dtype (otherwise DeepSpeed cannot flatten them with the rest).
+    storage = model_args.bnb_4bit_quant_storage or (str(dtype).removeprefix("torch.") if zero3_enabled() else "uint8")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def load_model(recipe):
+    """The base model, 4-bit when the recipe says so, prepared for k-bit training (LoRA is attached by TRL)."""
+    from accelerate import PartialState
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    m, t = recipe.model, recipe.training
+    dtype = compute_dtype(m.dtype)
+    quant = quantization_config(m, dtype)
+    kwargs = dict(dtype=dtype, quantization_config=quant, attn_implementation=m.attn_implementation or "sdpa",
+                  revision=m.model_revision)
+    # A device map pins each rank's copy to its GPU; ZeRO-3 must place (and shard) weights itself.
+    if quant is not None and torch.cuda.is_available() and not zero3_enabled():
+        kwargs["device_map"] = {"": PartialState().local_process_index}
+    model = AutoModelForCausalLM.from_pretrained(m.model_name_or_path, **kwargs)
+    model.config.use_cache = False  # the KV cache is useless in training and breaks packed-sequence masks
+    if quant is not None and not zero3_enabled():
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing_kwargs=t.gradient_checkpointing_kwargs or {"use_reentrant": False},
+        )
+    return model

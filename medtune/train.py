@@ -1,0 +1,114 @@
+"""QLoRA supervised fine-tuning of Starling on MedTuned instructions with TRL's SFTTrainer.
+
+Same entry point for one process, `accelerate launch` (DDP, DeepSpeed ZeRO-2/3, FSDP) and Slurm:
+
+    accelerate launch launch/train.py --config configs/recipes/starling_medtuned.yaml
+    python launch/train.py --config configs/recipes/tiny.yaml --max_steps 10
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtune.config import ConfigError, Recipe, parse_recipe
+
+logger = logging.getLogger("medtune")
+
+EXIT_PREEMPTED = 3  # distinct exit code: the job was preempted, checkpointed and requeued
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model: object  # the trained PeftModel
+    adapter_path: Path | None
+    log_history: list[dict]
+    preempted: bool
+    sample_answer: str | None
+
+
+def build_trainer(recipe: Recipe, tokenizer, prepared, model):
+    from trl import SFTTrainer, get_peft_config
+
+    from medtune.monitoring import monitoring_callbacks
+    from medtune.preemption import PreemptionCallback
+
+    args = recipe.training
+    # The data is already tokenized, masked and packed (medtune.data); TRL's padding-free collator turns each
+    # packed row's seq_lengths into restarting position_ids.
+    args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    args.padding_free = args.packing
+    if prepared.eval is None:
+        args.eval_strategy = "no"
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(recipe.model),
+        callbacks=[PreemptionCallback(), *monitoring_callbacks(recipe, prepared)],
+    )
+
+
+def answer_sample(model, tokenizer, prompt: str) -> str:
+    from medtune.inference import generate
+
+    model.eval()
+    return generate(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=48)[0]
+
+
+def train(recipe: Recipe) -> TrainResult:
+    from medtune import preemption
+    from medtune.data import prepare_dataset
+    from medtune.model import load_model, load_tokenizer, resolve_precision
+    from medtune.monitoring import configure_wandb
+
+    resolve_precision(recipe.training)
+    tokenizer = load_tokenizer(recipe)
+    # Before the model and before any collective: one process tokenizes, the others wait on a file lock.
+    prepared = prepare_dataset(recipe, tokenizer)
+    resume = preemption.find_resume_checkpoint(recipe.training.output_dir) if recipe.data.resume else None
+    if recipe.data.resume:
+        logger.info("resuming from %s", resume or "scratch (no complete checkpoint yet)")
+    configure_wandb(recipe, resume)
+    trainer = build_trainer(recipe, tokenizer, prepared, load_model(recipe))
+    trainer.train(resume_from_checkpoint=resume)
+    output_dir = Path(recipe.training.output_dir)
+    if preemption.requeue_if_preempted(trainer):
+        return TrainResult(output_dir, trainer.model, None, trainer.state.log_history, True, None)
+    # save_model gathers ZeRO-3 shards before writing, so the adapter is complete on every launcher.
+    trainer.save_model(str(output_dir))
+    answer = None
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(output_dir)
+        if recipe.data.sample_prompt:
+            answer = answer_sample(trainer.model, tokenizer, recipe.data.sample_prompt)
+    trainer.accelerator.wait_for_everyone()
+    adapter = output_dir / "adapter_model.safetensors"
+    return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, answer)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = parse_recipe(argv)
+    except ConfigError as err:
+        sys.exit(f"medtune: {err}")
+    result = train(recipe)
+    if result.preempted:
+        sys.exit(EXIT_PREEMPTED)
+    if result.sample_answer is not None:
+        losses = [e["loss"] for e in result.log_history if "loss" in e]
+        if losses:
+            print(f"loss: first logged {losses[0]:.4f} -> last logged {losses[-1]:.4f}")
+        print(f"adapter saved to: {result.adapter_path}")
+        print(f"sample question: {recipe.data.sample_prompt}")
+        print(f"model answer: {result.sample_answer}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Shared fixtures: the tiny Starling-shaped model, the bundled sample data, and recipes built from tiny.yaml."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RECIPE = ROOT / "configs" / "recipes" / "tiny.yaml"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from medtune.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-starling"))
+
+
+@pytest.fixture(scope="session")
+def sample_train_file() -> Path:
+    return ROOT / "data" / "sample" / "medtuned_sample.jsonl"
+
+
+@pytest.fixture(scope="session")
+def sample_eval_file() -> Path:
+    return ROOT / "data" / "sample" / "medtuned_sample_eval.jsonl"
+
+
+@pytest.fixture
+def tiny_args(tiny_model_dir, tmp_path):
+    """Command-line arguments for the tiny recipe, isolated in tmp_path; extend with more `--key value`."""
+    return [
+        "--config", str(TINY_RECIPE),
+        "--model_name_or_path", str(tiny_model_dir),
+        "--output_dir", str(tmp_path / "out"),
+        "--data_cache_dir", str(tmp_path / "data-cache"),
+    ]

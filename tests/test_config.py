@@ -1,0 +1,103 @@
+"""Recipe parsing: the reference values, overrides, and one clear error per class of bad recipe."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from medtune.config import ALL_LINEAR, ConfigError, parse_recipe
+
+from conftest import ROOT
+
+REFERENCE = ROOT / "configs" / "recipes" / "starling_medtuned.yaml"
+
+
+def test_default_recipe_is_the_reference_recipe():
+    r = parse_recipe(["--config", str(REFERENCE)])
+    m, t, d = r.model, r.training, r.data
+    assert m.model_name_or_path == "berkeley-nest/Starling-LM-7B-alpha"
+    assert d.dataset_name == "nlpie/Llama2-MedTuned-Instructions"
+    assert (d.train_split, d.eval_split) == ("train", "validation")
+    assert m.load_in_4bit is True and m.load_in_8bit is False
+    assert m.bnb_4bit_quant_type == "nf4"
+    assert m.use_bnb_nested_quant is True
+    assert m.dtype == "auto"  # bf16 compute where supported, else fp16 (medtune.model.compute_dtype)
+    assert m.use_peft is True
+    assert (m.lora_r, m.lora_alpha, m.lora_dropout) == (8, 16, 0.05)
+    assert m.lora_task_type == "CAUSAL_LM"
+    assert m.lora_target_modules == ALL_LINEAR
+    assert t.output_dir == "adjusted_model"
+    assert t.optim == "paged_adamw_32bit"
+    assert t.lr_scheduler_type == "cosine"
+    assert t.logging_steps == 10
+    assert t.save_strategy == "epoch"
+    assert t.num_train_epochs == 1 and t.max_steps == -1
+    assert t.fp16 is True and t.bf16 is False
+    assert t.max_length == 512
+    assert t.packing is True and t.packing_strategy == "bfd"
+    assert t.completion_only_loss is True
+
+
+def test_overrides_and_alias():
+    r = parse_recipe(["--config", str(REFERENCE), "--lora_r", "16", "--max_seq_length=1024", "--resume",
+                      "--learning_rate", "1e-4"])
+    assert r.model.lora_r == 16
+    assert r.training.max_length == 1024
+    assert r.data.resume is True
+    assert r.training.learning_rate == pytest.approx(1e-4)
+
+
+def _recipe(tmp_path, **changes):
+    values = yaml.safe_load(REFERENCE.read_text())
+    values.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        values.pop(key)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return ["--config", str(path)]
+
+
+@pytest.mark.parametrize(
+    "changes, argv, expected",
+    [
+        ({"lora_alpah": 16}, [], r"unknown key 'lora_alpah'; did you mean 'lora_alpha'"),
+        ({}, ["--lerning_rate", "1e-4"], r"command line: unknown key 'lerning_rate'; did you mean 'learning_rate'"),
+        ({"lora_r": 8.5}, [], r"key 'lora_r' must be int, got 8.5"),
+        ({"packing": "yes please"}, [], r"key 'packing' must be bool"),
+        ({}, ["--lora_r", "eight"], r"argument --lora_r.*invalid int value: 'eight'"),
+        ({"fp16": True, "bf16": True}, [], r"fp16 and bf16 are both true"),
+        ({"max_seq_length": 8}, [], r"max_length=8 leaves no room for a sample"),
+        ({"packing_strategy": "wrapped"}, [], r"packing_strategy='wrapped' lets samples share attention"),
+        ({"dataset_name": "./missing/data.jsonl"}, [], r"dataset_name='./missing/data.jsonl': no such file"),
+        ({"model_name_or_path": "./no/such/model"}, [], r"model_name_or_path='./no/such/model': no such folder"),
+        ({"use_peft": False}, [], r"quantized base model can only be trained with LoRA"),
+        ({"lora_dropout": 1.5}, [], r"LoRA settings .* dropout in \[0, 1\)"),
+        ({"overlong": "squash"}, [], r"overlong"),
+    ],
+)
+def test_bad_recipes_fail_with_the_key_and_the_fix(tmp_path, changes, argv, expected):
+    with pytest.raises(ConfigError, match=expected):
+        parse_recipe(_recipe(tmp_path, **changes) + argv)
+
+
+def test_missing_and_malformed_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_recipe(["--config", str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        parse_recipe(["--config", str(bad)])
+
+
+def test_bad_recipe_fails_before_any_model_or_data_is_loaded(tmp_path, monkeypatch):
+    import transformers
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("model loading started before the recipe was validated")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", forbidden)
+    from medtune.train import main
+
+    with pytest.raises(SystemExit, match="unknown key 'lora_alpah'"):
+        main(_recipe(tmp_path, lora_alpah=16))

@@ -1,0 +1,84 @@
+"""4-bit QLoRA training of the tiny Starling-shaped model: loss falls, the adapter reloads, generation stops."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from medtune.config import parse_recipe
+
+pytestmark = pytest.mark.slow
+
+NLI = "premise and hypothesis"  # one-word replies: a tiny random model learns them (and the end of turn) quickly
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory, sample_train_file):
+    import sys
+    import types
+
+    from medtune.train import train
+
+    tmp = tmp_path_factory.mktemp("train")
+    rows = [line for line in sample_train_file.read_text().splitlines() if NLI in line]
+    data = tmp / "nli.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    first = json.loads(rows[0])
+    recipe = parse_recipe([
+        "--config", "configs/recipes/tiny.yaml", "--model_name_or_path", str(tiny_model_dir),
+        "--output_dir", str(tmp / "out"), "--data_cache_dir", str(tmp / "cache"),
+        "--dataset_name", str(data), "--eval_split", "none", "--max_seq_length", "256",
+        "--max_steps", "40", "--learning_rate", "2e-2", "--logging_steps", "1", "--save_strategy", "no",
+        "--sample_prompt", f"{first['instruction']}\n\n{first['input']}",
+    ])
+    return recipe, train(recipe), rows
+
+
+def test_loss_falls(trained):
+    _, result, _ = trained
+    losses = [e["loss"] for e in result.log_history if "loss" in e]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+
+
+def test_adapter_is_complete_and_reloads_to_the_same_logits(trained):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from medtune.model import load_model
+
+    recipe, result, _ = trained
+    tensors = load_file(result.adapter_path)
+    # r=8 LoRA A and B on 7 projections in each of the 2 layers, none empty, B trained away from zero.
+    assert len(tensors) == 2 * 7 * 2
+    assert all(t.numel() > 0 for t in tensors.values())
+    assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
+    assert (result.output_dir / "adapter_config.json").exists() and (result.output_dir / "tokenizer_config.json").exists()
+
+    reloaded = PeftModel.from_pretrained(load_model(recipe), result.output_dir).eval()
+    trained_model = result.model.eval()
+    # TRL keeps QLoRA adapter weights in bf16 while training; hold the reloaded ones in the same dtype.
+    trained_dtypes = {n: p.dtype for n, p in trained_model.named_parameters() if "lora_" in n}
+    for name, param in reloaded.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(trained_dtypes[name])
+    ids = torch.tensor([[1, 420, 6316, 28781, 3198, 3123, 1247, 28747, 12014, 32000]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained_model(input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_generation_with_the_trained_adapter_stops_at_end_of_turn(trained):
+    from medtune.inference import complete, load_model
+    from medtune.chat_format import user_message
+
+    _, result, rows = trained
+    assert result.sample_answer and "<|end_of_turn|>" not in result.sample_answer
+    model, tok = load_model(result.output_dir)  # the serving path: adapter on the un-quantized base
+    conversations = [[{"role": "user", "content": user_message(r["instruction"], r["input"])}]
+                     for r in map(json.loads, rows[:4])]
+    for c in complete(model, tok, conversations, max_new_tokens=32):
+        assert c.finish_reason == "stop" and c.completion_tokens < 32
+        assert "<|end_of_turn|>" not in c.text
