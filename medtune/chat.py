@@ -1,0 +1,81 @@
+"""`medtune-chat`: multi-turn terminal chat with a medtune model, replies streamed as they are generated.
+
+    medtune-chat --model exported/starling-medtuned     # or an adapter folder, or nothing for the demo model
+
+Commands: /reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops the current reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+from medtune.inference import DEFAULT_SYSTEM_PROMPT, load_model_or_demo, stream, with_system_prompt
+
+HELP = "Commands: /reset new conversation, /exit quit, /help this text. Ctrl-C stops a reply."
+DISCLAIMER = ("Not a doctor: answers may be wrong. For emergency symptoms call your local emergency number "
+              "or seek care now.")
+
+
+@dataclass
+class ChatOptions:
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+
+def chat_loop(model, tok, options: ChatOptions, read: Callable[[str], str] = input, out: TextIO | None = None):
+    """Read-reply loop; `read` raises EOFError at the end of input; replies go to `out` (default stdout)."""
+    out = out or sys.stdout
+    history: list[dict] = []
+    print(f"{DISCLAIMER}\n{HELP}", file=out)
+    while True:
+        try:
+            text = read("\nyou> ").strip()
+        except EOFError:
+            break
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history.clear()
+            print("(new conversation)", file=out)
+            continue
+        if text.startswith("/"):  # /help or an unknown command
+            print(HELP, file=out)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        print("assistant> ", end="", file=out, flush=True)
+        pieces = stream(model, tok, with_system_prompt(history, options.system_prompt), options.max_new_tokens,
+                        options.temperature, options.top_p)
+        reply = ""
+        try:
+            for piece in pieces:
+                reply += piece
+                print(piece, end="", file=out, flush=True)
+        except KeyboardInterrupt:
+            pieces.close()
+            print(" [stopped]", end="", file=out)
+        print(file=out)
+        history.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Chat with a medtune model in the terminal.")
+    parser.add_argument("--model", help="merged model folder or LoRA adapter folder (default: tiny demo model)")
+    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt ('' for none)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    model, tok = load_model_or_demo(args.model, args.device)
+    chat_loop(model, tok, ChatOptions(args.system_prompt, args.max_tokens, args.temperature, args.top_p))
+
+
+if __name__ == "__main__":
+    main()

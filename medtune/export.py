@@ -1,0 +1,124 @@
+"""Merge a trained LoRA adapter into its base model and write a standalone model folder.
+
+    medtune-export adjusted_model --out exported/starling-medtuned
+
+The base is loaded un-quantised (training may have used a 4-bit base; merging needs real weights), the
+adapter is merged with peft's `merge_and_unload`, and the folder gets safetensors shards, the tokenizer (with
+the Starling chat template), a generation_config that stops at `<|end_of_turn|>`, and a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from medtune.chat_format import END_OF_TURN
+from medtune.inference import adapter_base, is_adapter, load_tokenizer
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DISCLAIMER = (
+    "This model is for research and education. It is not a doctor and does not give medical diagnoses or "
+    "treatment. Its answers can be wrong or incomplete; always consult a qualified health professional. "
+    "In an emergency (chest pain, trouble breathing, signs of stroke, severe bleeding, thoughts of self-harm) "
+    "call your local emergency number or seek care immediately."
+)
+METRIC_FILES = ("all_results.json", "eval_results.json", "train_results.json")
+
+
+@dataclass
+class TrainingRecord:
+    """What the adapter folder (or the training output folder above it) says about how it was made."""
+
+    recipe_file: Path | None
+    recipe: dict
+    metrics: dict
+
+
+def find_training_record(adapter_dir: Path) -> TrainingRecord:
+    folders = [adapter_dir, adapter_dir.parent]
+    recipe_file = next((f for d in folders for f in sorted(d.glob("*.yaml"))), None)
+    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file else {}
+    metrics: dict = {}
+    for d in reversed(folders):  # files next to the adapter win
+        for name in METRIC_FILES:
+            if (d / name).is_file():
+                metrics.update(json.loads((d / name).read_text()))
+        state = d / "trainer_state.json"
+        if state.is_file() and not metrics:
+            # the last logged evaluation, when no *_results.json was written
+            evals = [e for e in json.loads(state.read_text()).get("log_history", []) if "eval_loss" in e]
+            metrics.update(evals[-1] if evals else {})
+    return TrainingRecord(recipe_file, recipe if isinstance(recipe, dict) else {}, metrics)
+
+
+def model_card(base: str, record: TrainingRecord, dtype: str) -> str:
+    data = record.recipe.get("dataset_name", "not recorded")
+    lines = [
+        "---", f"base_model: {base}", "library_name: transformers",
+        "tags: [medical, starling, lora, qlora, medtune]", "pipeline_tag: text-generation", "---", "",
+        "# Starling-LM medical assistant (merged LoRA)", "",
+        f"Fine-tuned from `{base}` with a LoRA adapter (medtune), merged into the base weights ({dtype}).", "",
+        f"- **Base model:** `{base}`", f"- **Training data:** `{data}`",
+        "- **Chat format:** `GPT4 Correct User: {message}<|end_of_turn|>GPT4 Correct Assistant:` "
+        "(stored as the tokenizer's chat template); generation stops at `<|end_of_turn|>` (id 32000).", "",
+        "## Medical disclaimer", "", DISCLAIMER, "",
+    ]
+    if record.recipe_file:
+        lines += ["## Training recipe", "", f"`{record.recipe_file.name}`:", "", "```yaml",
+                  record.recipe_file.read_text().strip(), "```", ""]
+    if record.metrics:
+        lines += ["## Metrics", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in record.metrics.items()]
+        lines.append("")
+    lines += ["## Usage", "", "```bash", "medtune-chat --model <this folder>",
+              "medtune-serve --model <this folder>   # OpenAI-compatible API and web chat on 127.0.0.1:8000",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def export(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None,
+           dtype: str = "bfloat16", max_shard_size: str = "5GB") -> Path:
+    """Merge `adapter_dir` into its base and write the standalone model to `out_dir`."""
+    from peft import PeftModel
+
+    adapter_dir, out = Path(adapter_dir), Path(out_dir)
+    if not is_adapter(adapter_dir):
+        raise ValueError(f"{adapter_dir} has no adapter_config.json: not a LoRA adapter folder")
+    base = base_model or adapter_base(adapter_dir)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])  # un-quantised, on CPU
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    tok = load_tokenizer(adapter_dir, fallback=base)
+
+    eot = tok.convert_tokens_to_ids(END_OF_TURN)
+    merged.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=eot, pad_token_id=tok.pad_token_id
+    )
+    merged.config.eos_token_id, merged.config.pad_token_id = eot, tok.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, max_shard_size=max_shard_size)
+    tok.save_pretrained(out)
+    (out / "README.md").write_text(model_card(base, find_training_record(adapter_dir), dtype))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model and export it.")
+    parser.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--out", required=True, help="output folder for the merged model")
+    parser.add_argument("--base", help="base model path or hub id (default: the one in adapter_config.json)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="default: %(default)s")
+    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: %(default)s)")
+    args = parser.parse_args(argv)
+    out = export(args.adapter, args.out, args.base, args.dtype, args.max_shard_size)
+    print(f"merged model written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""OpenAI-compatible chat API and the symptom-consultation web page (`medtune-serve`)."""

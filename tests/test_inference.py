@@ -1,0 +1,128 @@
+"""Generation with the tiny model: stopping at <|end_of_turn|>, batching, streaming."""
+
+import pytest
+import torch
+
+from medtune.chat_format import END_OF_TURN, encode_messages
+from medtune.inference import complete, generate, load_model, stream
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "I have had a headache for two days."}],
+    [{"role": "system", "content": "Answer briefly."},
+     {"role": "user", "content": "Fever and a dry cough since Monday, should I worry?"}],
+    [{"role": "user", "content": "Sore throat."}, {"role": "assistant", "content": "Any fever?"},
+     {"role": "user", "content": "No fever, but it hurts to swallow."}],
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_model_dir):
+    return load_model(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture()
+def rigged(tiny_model_dir):
+    """The tiny model with the <|end_of_turn|> output row set to 1.01x the row of the 4th greedy token.
+
+    Wherever that token would have won, end-of-turn wins instead, so greedy generation stops after 3 tokens.
+    """
+    model, tok = load_model(tiny_model_dir, device="cpu")
+    conv = CONVERSATIONS[0]
+    prompt = torch.tensor([encode_messages(tok, conv)])
+    ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                         eos_token_id=None)[0, prompt.shape[1]:].tolist()
+    assert ids[3] not in ids[:3], "the 4th greedy token repeats an earlier one: pick another conversation"
+    with torch.no_grad():
+        model.lm_head.weight[tok.convert_tokens_to_ids(END_OF_TURN)] = model.lm_head.weight[ids[3]] * 1.01
+    return model, tok, conv, ids[:3]
+
+
+def test_generation_stops_at_end_of_turn(rigged):
+    model, tok, conv, expected_ids = rigged
+    (result,) = complete(model, tok, [conv], max_new_tokens=50)
+    assert result.finish_reason == "stop"
+    assert result.completion_tokens == len(expected_ids) + 1  # the reply and its end-of-turn
+    assert result.text == tok.decode(expected_ids, skip_special_tokens=True).strip()
+    assert END_OF_TURN not in result.text
+
+    pieces = stream(model, tok, conv, max_new_tokens=50)
+    assert "".join(pieces) == result.text
+    assert pieces.finish_reason == "stop" and pieces.completion_tokens == result.completion_tokens
+
+
+def test_length_limit_reports_length(model_and_tok):
+    model, tok = model_and_tok
+    results = complete(model, tok, CONVERSATIONS, max_new_tokens=5)
+    assert [r.finish_reason for r in results] == ["length"] * 3
+    assert [r.completion_tokens for r in results] == [5] * 3
+    assert all(END_OF_TURN not in r.text and r.text for r in results)
+
+
+def test_batched_greedy_equals_one_by_one(model_and_tok):
+    model, tok = model_and_tok
+    batched = generate(model, tok, CONVERSATIONS, max_new_tokens=12)
+    single = [generate(model, tok, [c], max_new_tokens=12)[0] for c in CONVERSATIONS]
+    assert batched == single
+    assert len(set(batched)) == 3  # different prompts, different replies: the padding did not leak
+
+
+def test_stream_matches_generate(model_and_tok):
+    model, tok = model_and_tok
+    pieces = stream(model, tok, CONVERSATIONS[1], max_new_tokens=12)
+    received = list(pieces)
+    assert len(received) > 1
+    assert "".join(received) == generate(model, tok, [CONVERSATIONS[1]], max_new_tokens=12)[0]
+    assert pieces.finish_reason == "length" and pieces.prompt_tokens == len(encode_messages(tok, CONVERSATIONS[1]))
+
+
+def test_stream_close_stops_generation(model_and_tok):
+    model, tok = model_and_tok
+    pieces = stream(model, tok, CONVERSATIONS[0], max_new_tokens=500)
+    next(pieces)
+    pieces.close()
+    assert list(pieces) == []
+    assert 0 < pieces.completion_tokens < 500
+
+
+def test_sampling_runs(model_and_tok):
+    model, tok = model_and_tok
+    torch.manual_seed(0)
+    replies = generate(model, tok, CONVERSATIONS[:2], max_new_tokens=6, temperature=0.8, top_p=0.9)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+
+
+def test_terminal_chat_keeps_history_and_resets(model_and_tok, monkeypatch):
+    import io
+
+    import medtune.chat as chat
+
+    model, tok = model_and_tok
+    seen = []
+    real_stream = chat.stream
+
+    def recording_stream(model, tok, messages, *args):
+        seen.append(messages)
+        return real_stream(model, tok, messages, *args)
+
+    monkeypatch.setattr(chat, "stream", recording_stream)
+    lines = iter(["My knee is swollen.", "It hurts when I walk.", "/reset", "/unknown", "Headache.", "/exit", "never"])
+    out = io.StringIO()
+    chat.chat_loop(model, tok, chat.ChatOptions(max_new_tokens=4, temperature=0), read=lambda _: next(lines), out=out)
+
+    assert [[m["role"] for m in conv] for conv in seen] == [
+        ["system", "user"], ["system", "user", "assistant", "user"], ["system", "user"]]
+    assert seen[1][2]["content"] == generate(model, tok, [seen[0]], max_new_tokens=4)[0]
+    assert seen[2][1]["content"] == "Headache."
+    text = out.getvalue()
+    assert text.count("assistant> ") == 3 and "(new conversation)" in text and "Not a doctor" in text
+    assert "/reset new conversation" in text  # help printed for the unknown command
+
+
+def test_terminal_chat_cli_reads_stdin(tiny_model_dir, monkeypatch, capsys):
+    import io
+
+    import medtune.chat as chat
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("I feel dizzy.\n"))  # then end of input: the chat ends
+    chat.main(["--model", str(tiny_model_dir), "--max-tokens", "3", "--device", "cpu"])
+    assert capsys.readouterr().out.count("assistant> ") == 1
