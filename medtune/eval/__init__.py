@@ -1,0 +1,1 @@
+"""Held-out MedTuned evaluation: task-family detection, per-family scorers, base-vs-tuned reports."""
