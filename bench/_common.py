@@ -1,0 +1,77 @@
+"""Shared by the benchmarks: the tutorial baseline's text format, interleaved repeats, the machine line, tables."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ on the path, not the repo root
+    sys.path.insert(0, str(ROOT))
+
+TINY_DIR = ROOT / ".cache" / "bench" / "tiny-starling"  # own copy: other runs rebuild .cache/tiny-starling
+
+
+def tutorial_text(row: dict) -> str:
+    """The reference tutorial's formatting function: one `text` field per row, special tokens written inline."""
+    return (f"GPT4 Correct User: {row['instruction']}\n\n{row['input']}<|end_of_turn|>"
+            f"GPT4 Correct Assistant: {row['output']}<|end_of_turn|>")
+
+
+def interleave(sides: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
+    """Run every side `repeats` times, alternating and rotating the order each round, so that load from other
+    users of the machine lands on both sides alike; the ratio of medians is what the benchmark reports."""
+    names = list(sides)
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            results[name].append(sides[name]())
+    return results
+
+
+def median(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def machine() -> dict:
+    """CPU model, cores, RAM and load: the context every number in docs/BENCHMARKS.md needs."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal"))
+    import torch
+    import transformers
+    import trl
+
+    info = {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem_kb / 2**20, 1),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, default=str))

@@ -1,0 +1,241 @@
+"""GPU QLoRA benchmark: Starling-LM-7B-alpha's exact architecture with random weights, medtune vs the tutorial.
+
+No 14 GB download: the model is MistralConfig(**medtune.tiny.STARLING_CONFIG) built on the meta device, its
+tensors filled with random values one at a time on the GPU and written as safetensors shards to --model-dir
+(once, ~14.5 GB of disk, reused by later runs); every side then loads it with `from_pretrained(...,
+quantization_config=BitsAndBytesConfig(4-bit NF4))`, the same path as the real checkpoint.
+
+Sides, per --seq, alternating, --repeats times in this one process:
+  baseline    the tutorial: `text` field, every row padded to seq, micro-batch 4, fp16, paged_adamw_32bit,
+              LoRA r8 on all linear layers, gradient checkpointing, library defaults otherwise.
+  trl_packed  the same with TRL 1.16's default packing (packing=True, bfd, padding-free).
+  medtune     medtune.train.build_trainer: BFD-packed padding-free rows plus the options below.
+
+medtune options (the field's usual ones, each a flag): bf16 (--dtype), SDPA or FlashAttention (--attn), Liger
+layer kernels: RMSNorm, SwiGLU, RoPE (--liger, default on when liger-kernel is importable), a larger micro-batch
+in packed rows (--medtune-batch / --medtune-tokens), TRL's loss_type (--loss), packing off for ablation
+(--no-packing). Chunked cross-entropy needs no flag: TRL 1.16 always computes the loss through its fused LM head in
+chunks, on every side (its `chunked_nll` is an alias of `nll`, and it turns Liger's fused linear CE off).
+
+Reported per side: real (non-padding) tokens/s, step time, MFU, peak GPU memory, and ratios to the baseline.
+MFU = useful FLOPs / (step time x peak): 6 x N (linear-layer weights incl. lm_head) per real token plus
+12 x layers x hidden x sum(sample_len^2) for attention (PaLM, appendix B), padding counted as waste. The 6N rule
+counts the base weights' gradient FLOPs, which LoRA does not compute (it computes activation gradients and
+recomputes the forward under checkpointing instead, about the same total).
+
+    python bench/gpu_train.py --seq 512 2048
+    python bench/gpu_train.py --seq 2048 --attn flash_attention_2 --medtune-batch 4
+    python bench/gpu_train.py --model tiny --allow-cpu --seq 128 --steps 3   # code-path check without a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common  # noqa: F401  (puts the repo root on sys.path)
+from _common import ROOT, interleave, machine, median, print_table, write_json
+
+import synthetic
+from cpu_train import medtune_trainer, timed_train, tutorial_trainer
+
+# Dense bf16 tensor-core peak per device name fragment (vendor datasheets, no sparsity); --peak-tflops overrides.
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+               "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def write_random_checkpoint(config: dict, out_dir: Path, shard_bytes: int = 2 << 30) -> Path:
+    """Random bf16 weights for `config` as safetensors shards + index + Starling tokenizer. Never holds the whole
+    model in memory: shapes come from a meta-device model, tensors are made one by one."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from medtune.tiny import build_starling_tokenizer
+
+    out_dir = Path(out_dir)
+    done = out_dir / "model.safetensors.index.json"
+    if done.exists():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = MistralConfig(**config)
+    cfg.dtype = "bfloat16"
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in MistralForCausalLM(cfg).state_dict().items()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device).manual_seed(0)
+    weight_map, shard, size, n = {}, {}, 0, 0
+
+    def flush():
+        nonlocal shard, size, n
+        if shard:
+            n += 1
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
+        shard[name] = t
+        size += t.numel() * 2
+        if size >= shard_bytes:
+            flush()
+    flush()
+    cfg.save_pretrained(out_dir)
+    build_starling_tokenizer(out_dir)
+    total = sum(s.numel() for s in shapes.values()) * 2
+    done.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return out_dir
+
+
+def linear_params(config: dict) -> int:
+    """Weights that take part in matmuls per token: attention + MLP projections of every layer, and lm_head."""
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * config["vocab_size"]
+
+
+def step_flops(config: dict, tokens: int, len_sq: int) -> float:
+    return 6.0 * linear_params(config) * tokens + 12.0 * config["num_hidden_layers"] * config["hidden_size"] * len_sq
+
+
+def medtune_overrides(args) -> tuple[str, ...]:
+    """Recipe keys for the medtune side (on top of configs/recipes/tiny.yaml's QLoRA settings)."""
+    return ("--dtype", "auto" if args.dtype != "fp32" else "float32",
+            "--bf16", str(args.dtype == "bf16").lower(), "--fp16", str(args.dtype == "fp16").lower(),
+            "--attn_implementation", args.attn, "--loss_type", args.loss,
+            "--packing", str(not args.no_packing).lower(), "--use_liger_kernel", str(args.liger).lower())
+
+
+def _release() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _side(build, warmup: int) -> dict:
+    import torch
+
+    _release()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build(Path(tmp))
+        result = timed_train(trainer, warmup)
+        del trainer
+    if torch.cuda.is_available():
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    _release()
+    return result
+
+
+def run_seq(seq: int, args, config: dict, model_dir: Path, data_file: Path, peak: float | None) -> list[dict]:
+    from medtune.model import load_tokenizer
+
+    rows = [json.loads(line) for line in data_file.open()]
+    tokenizer = load_tokenizer(str(model_dir))
+    medtune_batch = args.medtune_batch or max(1, args.medtune_tokens // seq)
+    sides = {
+        "baseline": lambda: _side(lambda out: tutorial_trainer(
+            rows, str(model_dir), tokenizer, out, args.steps, args.baseline_batch, seq, packing=False), args.warmup),
+        "medtune": lambda: _side(lambda out: medtune_trainer(
+            data_file, str(model_dir), out, args.steps, medtune_batch, seq, medtune_overrides(args)),
+            args.warmup),
+    }
+    if not args.no_trl_packed:
+        sides["trl_packed"] = lambda: _side(lambda out: tutorial_trainer(
+            rows, str(model_dir), tokenizer, out, args.steps, args.baseline_batch, seq, packing=True), args.warmup)
+    results = interleave(sides, args.repeats)
+    base = median(results["baseline"], "real_tokens_per_s")
+    base_mem = median(results["baseline"], "peak_mem_gib") if "peak_mem_gib" in results["baseline"][0] else None
+    table = []
+    for name, runs in results.items():
+        row = {"seq": seq, "side": name, "micro_batch": medtune_batch if name == "medtune" else args.baseline_batch,
+               "step_s": median(runs, "step_s"), "real_tokens_per_s": median(runs, "real_tokens_per_s"),
+               "slot_efficiency": median(runs, "slot_efficiency")}
+        row["ratio_tokens"] = row["real_tokens_per_s"] / base
+        if peak:
+            row["mfu"] = median([{"m": step_flops(config, r["timed_tokens"], r["timed_len_sq"]) / r["timed_seconds"]
+                                  / (peak * 1e12)} for r in runs], "m")
+        if base_mem:
+            row["peak_mem_gib"] = median(runs, "peak_mem_gib")
+            row["ratio_mem"] = row["peak_mem_gib"] / base_mem
+        table.append(row)
+    return table
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    import torch
+
+    from medtune.tiny import STARLING_CONFIG, TINY_CONFIG
+
+    p = argparse.ArgumentParser(description="GPU QLoRA benchmark on a random Starling-LM-7B-alpha architecture.")
+    p.add_argument("--seq", type=int, nargs="+", default=[512, 2048], help="max_length values to run")
+    p.add_argument("--model", choices=["starling", "tiny"], default="starling",
+                   help="architecture: Starling-LM-7B-alpha's config, or the tiny one for a code-path check")
+    p.add_argument("--model-dir", default=None, help="random checkpoint folder (default .cache/bench/<model>-random)")
+    p.add_argument("--rows", type=int, default=20_000, help="synthetic MedTuned-shaped rows")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--baseline-batch", type=int, default=4, help="tutorial micro-batch (padded rows)")
+    p.add_argument("--medtune-batch", type=int, default=None, help="packed rows per micro-batch (default: "
+                   "--medtune-tokens // seq)")
+    p.add_argument("--medtune-tokens", type=int, default=4096, help="token slots per medtune micro-batch")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--attn", default="sdpa", help="sdpa | flash_attention_2 | kernels-community/flash-attn ...")
+    p.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
+                   help="Liger kernels (default: on when liger-kernel is installed)")
+    p.add_argument("--loss", choices=["nll", "chunked_nll"], default="nll")
+    p.add_argument("--no-packing", action="store_true", help="medtune side without packing (ablation)")
+    p.add_argument("--no-trl-packed", action="store_true", help="skip the TRL default-packing baseline row")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from its name)")
+    p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (code-path check only)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.steps <= max(args.warmup, 1):
+        p.error("--steps must be larger than --warmup (and at least 2)")
+    if args.liger is None:
+        import importlib.util
+
+        args.liger = importlib.util.find_spec("liger_kernel") is not None
+    if not torch.cuda.is_available():
+        if not args.allow_cpu:
+            sys.exit("no CUDA device: this benchmark needs a GPU (pass --allow-cpu --model tiny for a code check)")
+        args.dtype = "fp32"  # medtune.model.resolve_precision turns mixed precision off on CPU anyway
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (code-path check, not a result)"
+    print(f"device: {device}", flush=True)
+    config = STARLING_CONFIG if args.model == "starling" else TINY_CONFIG
+    model_dir = Path(args.model_dir or ROOT / ".cache/bench" / f"{args.model}-random")
+    start = time.perf_counter()
+    write_random_checkpoint(config, model_dir)
+    print(f"random checkpoint: {model_dir} ({time.perf_counter() - start:.0f}s)", flush=True)
+    data_file = synthetic.write_jsonl(args.rows, synthetic.default_path(args.rows), 0)
+    peak = args.peak_tflops or (peak_tflops(device) if torch.cuda.is_available() else None)
+    table = [row for seq in args.seq for row in run_seq(seq, args, config, model_dir, data_file, peak)]
+    payload = {"benchmark": "gpu_train", "device": device, "peak_tflops": peak, "machine": machine(),
+               "args": vars(args), "table": table}
+    print(f"steps {args.steps} (first {args.warmup} untimed), repeats {args.repeats} (median); medtune: "
+          f"{args.dtype}, attn {args.attn}, liger {args.liger}, loss {args.loss}, packing {not args.no_packing}")
+    print_table(table, ["seq", "side", "micro_batch", "step_s", "real_tokens_per_s", "ratio_tokens", "mfu",
+                        "peak_mem_gib", "ratio_mem", "slot_efficiency"])
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Smoke runs of every benchmark's code path, tiny sizes. Benchmarks are not tests: no timing is asserted."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import cpu_train  # noqa: E402
+import data_pipeline  # noqa: E402
+import gpu_train  # noqa: E402
+import synthetic  # noqa: E402
+
+
+@pytest.fixture
+def tmp_everything(tmp_path, monkeypatch):
+    """Benchmarks use temporary folders for their cold caches: keep them inside tmp_path."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    return tmp_path
+
+
+def test_synthetic_rows_follow_the_family_mix_and_token_lengths(tiny_model_dir):
+    from medtune.model import load_tokenizer
+
+    rows = synthetic.generate(3000, seed=1)
+    assert rows == synthetic.generate(3000, seed=1)  # deterministic
+    assert set(rows[0]) == {"instruction", "input", "output", "family"}
+    for fam in synthetic.FAMILIES:
+        share = sum(r["family"] == fam.name for r in rows) / len(rows)
+        assert abs(share - fam.share) < 0.03, fam.name
+    # Word counts are derived from token targets: the median input length in Starling tokens must land near
+    # the family's lognormal median.
+    tok = load_tokenizer(str(tiny_model_dir))
+    for fam in synthetic.FAMILIES:
+        inputs = [r["input"] for r in rows if r["family"] == fam.name][:200]
+        med = statistics.median(len(ids) for ids in tok(inputs, add_special_tokens=False)["input_ids"])
+        assert 0.75 * fam.input_tokens[0] <= med <= 1.3 * fam.input_tokens[0], (fam.name, med)
+        if fam.labels:
+            assert {r["output"] for r in rows if r["family"] == fam.name} <= set(fam.labels)
+
+
+def test_data_pipeline_benchmark_reports_every_side(tmp_everything):
+    out = data_pipeline.run(rows=300, repeats=1, max_length=256)
+    table = {row["side"]: row for row in out["table"]}
+    assert set(table) == {"baseline", "medtune", "trl_packed", "medtune_cache_hit"}
+    base, med, trl = table["baseline"], table["medtune"], table["trl_packed"]
+    assert base["packed_rows"] == 300 and base["ratio_tokens_per_s"] == 1.0
+    assert base["efficiency"] == pytest.approx(base["real_tokens"] / (300 * 256))
+    assert med["efficiency"] > 0.9 > base["efficiency"]  # packing fills the slots, padding does not
+    assert trl["real_tokens"] == base["real_tokens"]  # same text, same truncation
+    assert table["medtune_cache_hit"]["seconds"] > 0
+    assert out["lengths"]["p10"] < out["lengths"]["p50"] < out["lengths"]["p99"]
+
+
+def test_cpu_train_benchmark_single_process(tmp_everything, tiny_model_dir):
+    out = cpu_train.main(["--launchers", "single", "--steps", "3", "--warmup", "1", "--repeats", "1",
+                          "--rows", "200", "--max-length", "128", "--batch", "2", "--model-dir", str(tiny_model_dir)])
+    table = {row["side"]: row for row in out["table"]}
+    assert set(table) == {"baseline", "medtune", "trl_packed"}, out["raw"]
+    assert table["baseline"]["ratio_tokens"] == 1.0
+    assert table["medtune"]["slot_efficiency"] == 1.0  # padding-free: every slot is a real token
+    assert table["baseline"]["slot_efficiency"] < 1.0  # padded to max_length
+    for row in table.values():
+        assert row["real_tokens_per_s"] > 0 and row["samples_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_cpu_train_benchmark_two_process_ddp(tmp_everything, tiny_model_dir):
+    out = cpu_train.main(["--launchers", "ddp", "--steps", "2", "--warmup", "1", "--repeats", "1", "--rows", "200",
+                          "--max-length", "128", "--batch", "2", "--no-trl-packed", "--model-dir", str(tiny_model_dir)])
+    table = {row["side"]: row for row in out["table"]}
+    assert set(table) == {"baseline", "medtune"}, out["raw"]
+    assert all(row["procs"] == 2 and row["real_tokens_per_s"] > 0 for row in table.values())
+
+
+def test_cpu_train_counts_real_tokens_and_samples():
+    import torch
+
+    padded = cpu_train.CountingCollator(lambda f: {"input_ids": torch.zeros(2, 8, dtype=torch.long),
+                                                   "attention_mask": torch.tensor([[1] * 3 + [0] * 5, [1] * 8])})
+    packed = cpu_train.CountingCollator(lambda f: {"input_ids": torch.zeros(1, 7, dtype=torch.long),
+                                                   "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]])})
+    padded(None), packed(None)
+    assert padded.batches == [(11, 2, 16, 9 + 64)]
+    assert packed.batches == [(7, 3, 7, 9 + 4 + 4)]
+
+
+def test_gpu_benchmark_flop_count_matches_starling():
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from medtune.tiny import STARLING_CONFIG
+
+    with torch.device("meta"):
+        model = MistralForCausalLM(MistralConfig(**STARLING_CONFIG))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert gpu_train.linear_params(STARLING_CONFIG) == linear
+    assert 7.0e9 < linear < 7.2e9
+    assert gpu_train.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_train.peak_tflops("NVIDIA H100 PCIe") == 756.0
+
+
+def test_gpu_benchmark_code_path_on_cpu(tmp_everything):
+    out = gpu_train.main(["--model", "tiny", "--allow-cpu", "--model-dir", str(tmp_everything / "random"),
+                          "--seq", "128", "--steps", "3", "--warmup", "1", "--repeats", "1", "--rows", "200",
+                          "--no-trl-packed"])
+    table = {row["side"]: row for row in out["table"]}
+    assert set(table) == {"baseline", "medtune"}
+    assert table["medtune"]["slot_efficiency"] == 1.0
+    assert (tmp_everything / "random" / "model.safetensors.index.json").exists()
