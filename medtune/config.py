@@ -65,6 +65,11 @@ class DataArguments:
     resume: bool = field(
         default=False, metadata={"help": "Resume from the newest complete checkpoint in output_dir, if any."}
     )
+    generation_eval_samples: int = field(
+        default=0,
+        metadata={"help": "After training, generate and score this many eval rows per task family mix "
+                  "(medtune.eval); 0 turns it off."},
+    )
     sample_prompt: str = field(
         default="I have had a fever, a dry cough and a sore throat for three days. What could it be?",
         metadata={"help": "Question answered by the trained model at the end of training ('' to skip)."},

@@ -61,6 +61,21 @@ def answer_sample(model, tokenizer, prompt: str) -> str:
     return generate(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=48)[0]
 
 
+def evaluate_generations(trainer, tokenizer, prepared, samples: int) -> None:
+    """Score generated replies on eval rows per task family and log them with the training metrics."""
+    from medtune.data.pipeline import EVAL_ROWS
+    from medtune.eval.run import evaluate_generation, load_rows, select_rows
+
+    path = prepared.cache_dir / EVAL_ROWS
+    if not path.exists():
+        logger.warning("generation_eval_samples=%d but the recipe has no eval split: skipped", samples)
+        return
+    rows = select_rows(load_rows(str(path)), samples, seed=trainer.args.seed)
+    metrics = evaluate_generation(trainer.model, tokenizer, rows, batch_size=trainer.args.per_device_eval_batch_size)
+    logger.info("generation eval on %d rows: %s", len(rows), ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()))
+    trainer.log(metrics)
+
+
 def train(recipe: Recipe) -> TrainResult:
     from medtune import preemption
     from medtune.data import prepare_dataset
@@ -82,9 +97,12 @@ def train(recipe: Recipe) -> TrainResult:
         return TrainResult(output_dir, trainer.model, None, trainer.state.log_history, True, None)
     # save_model gathers ZeRO-3 shards before writing, so the adapter is complete on every launcher.
     trainer.save_model(str(output_dir))
+    trainer.save_state()  # trainer_state.json: medtune-report reads it when there is no W&B run
     answer = None
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
+        if recipe.data.generation_eval_samples:
+            evaluate_generations(trainer, tokenizer, prepared, recipe.data.generation_eval_samples)
         if recipe.data.sample_prompt:
             answer = answer_sample(trainer.model, tokenizer, recipe.data.sample_prompt)
     trainer.accelerator.wait_for_everyone()

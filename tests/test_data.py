@@ -99,6 +99,7 @@ def test_cache_hit_on_second_run_and_invalidation(tiny_args, tok, monkeypatch, t
         raise AssertionError("the data was tokenized again despite an unchanged fingerprint")
 
     monkeypatch.setattr(pipeline, "encode_rows", must_not_encode)
+    tok(["a b c"], truncation=True, max_length=2, padding="max_length")  # tokenizer call state is not identity
     second = prepare_dataset(parse_recipe(tiny_args), tok)
     assert second.cache_dir == first.cache_dir
     assert second.stats == first.stats

@@ -27,8 +27,9 @@ from medtune.data.rows import RowReport, hub_splits, is_local, local_files, read
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when the encoding or packing changes meaning
+PIPELINE_VERSION = 2  # bump when the encoding or packing changes meaning
 ENCODE_BATCH = 1000
+EVAL_ROWS = "eval_rows.jsonl"
 
 
 @dataclass
@@ -123,8 +124,11 @@ def _source_fingerprint(source: str, config: str | None) -> str:
 
 def _tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(vocab.encode()).hexdigest()
+    if backend is None:
+        return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    # Truncation/padding state changes with every call that sets them; it does not change the ids we store.
+    spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def fingerprint(recipe, tokenizer) -> str:
@@ -218,6 +222,10 @@ def prepare_dataset(recipe, tokenizer) -> PreparedData:
             train.save_to_disk(str(tmp / "train"))
             if evald is not None:
                 evald.save_to_disk(str(tmp / "eval"))
+                # Raw eval rows too, for the generation-based evaluation at the end of training.
+                with open(tmp / EVAL_ROWS, "w") as f:
+                    f.writelines(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n"
+                                 for r in eval_rows)
             meta = {"train": train_stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None}
             (tmp / "stats.json").write_text(json.dumps(meta, indent=2))
             os.replace(tmp, path)
