@@ -98,13 +98,12 @@ def train(recipe: Recipe) -> TrainResult:
     # save_model gathers ZeRO-3 shards before writing, so the adapter is complete on every launcher.
     trainer.save_model(str(output_dir))
     trainer.save_state()  # trainer_state.json: medtune-report reads it when there is no W&B run
-    answer = None
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
-        if recipe.data.generation_eval_samples:
-            evaluate_generations(trainer, tokenizer, prepared, recipe.data.generation_eval_samples)
-        if recipe.data.sample_prompt:
-            answer = answer_sample(trainer.model, tokenizer, recipe.data.sample_prompt)
+    # Every rank generates (same inputs): under ZeRO-3 each forward pass needs the shards of all ranks.
+    if recipe.data.generation_eval_samples:
+        evaluate_generations(trainer, tokenizer, prepared, recipe.data.generation_eval_samples)
+    answer = answer_sample(trainer.model, tokenizer, recipe.data.sample_prompt) if recipe.data.sample_prompt else None
     trainer.accelerator.wait_for_everyone()
     adapter = output_dir / "adapter_model.safetensors"
     return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, answer)

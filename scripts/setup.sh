@@ -21,6 +21,9 @@ if [[ "${1:-}" == "--system" ]]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
   fi
+  # The Slurm tests start their own munged, which needs the host key the Debian package normally creates.
+  [[ -f /etc/munge/munge.key ]] || $([[ $(id -u) == 0 ]] || echo sudo) mungekey --create
+
 fi
 
 stamp="$VENV/.medtune-installed"
