@@ -429,8 +429,9 @@ def resume_run_id(output_dir: str) -> str | None:
     return None
 
 
-def configure_wandb(recipe, resume_checkpoint: str | os.PathLike | None = None) -> None:
-    """Decide whether this job logs to W&B and set the WANDB_* environment wandb.init reads. Call on every rank.
+def configure_wandb(recipe, resume_checkpoint: str | os.PathLike | None = None) -> bool:
+    """Decide whether this job logs to W&B (returned) and set the WANDB_* environment wandb.init reads.
+    Call on every rank.
 
     Recipe values (wandb_project, ...) win over the environment; unset ones keep it. Without credentials and
     without WANDB_MODE the run is written offline (upload later with `wandb sync`). When wandb cannot be imported or
@@ -440,20 +441,17 @@ def configure_wandb(recipe, resume_checkpoint: str | os.PathLike | None = None) 
     """
     monitoring, training = recipe.monitoring, recipe.training
     report_to = list(training.report_to or [])
-    monitoring._use_wandb = "wandb" in report_to
-    if not monitoring._use_wandb:
-        return
+    if "wandb" not in report_to:
+        return False
     training.report_to = [r for r in report_to if r != "wandb"]  # RunCallback replaces the Trainer's own
     try:
         import wandb  # noqa: F401
     except Exception as err:  # noqa: BLE001 - a broken wandb install must not stop training
         logger.warning("report_to includes wandb but wandb cannot be imported (%s); continuing without W&B", err)
-        monitoring._use_wandb = False
-        return
+        return False
     if os.environ.get("WANDB_MODE") == "disabled" or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1"):
         logger.info("W&B disabled by WANDB_MODE/WANDB_DISABLED")
-        monitoring._use_wandb = False
-        return
+        return False
     settings = {"WANDB_PROJECT": monitoring.wandb_project, "WANDB_ENTITY": monitoring.wandb_entity,
                 "WANDB_RUN_GROUP": monitoring.wandb_group, "WANDB_TAGS": monitoring.wandb_tags,
                 "WANDB_NAME": monitoring.wandb_name, "WANDB_DIR": monitoring.wandb_dir}
@@ -477,12 +475,11 @@ def configure_wandb(recipe, resume_checkpoint: str | os.PathLike | None = None) 
         if run_id:
             os.environ["WANDB_RUN_ID"] = run_id
             os.environ.setdefault("WANDB_RESUME", "allow")
+    return True
 
 
-def monitoring_callbacks(recipe, prepared) -> list[TrainerCallback]:
-    """Callbacks for the Trainer, in order: metrics first, so W&B and the console see them in the same log."""
-    if getattr(recipe.monitoring, "_use_wandb", None) is None:
-        configure_wandb(recipe)
+def monitoring_callbacks(recipe, prepared, use_wandb: bool) -> list[TrainerCallback]:
+    """Callbacks for the Trainer, in order: metrics first, so W&B and the console see them in the same log.
+    `use_wandb` is what `configure_wandb` returned."""
     setup_rank_logging(recipe)
-    return [ThroughputCallback(recipe.monitoring.peak_tflops),
-            RunCallback(recipe, prepared, use_wandb=recipe.monitoring._use_wandb)]
+    return [ThroughputCallback(recipe.monitoring.peak_tflops), RunCallback(recipe, prepared, use_wandb=use_wandb)]

@@ -47,10 +47,6 @@ def find_resume_checkpoint(output_dir: str) -> str | None:
     return str(max(done)[1]) if done else None
 
 
-def was_preempted() -> bool:
-    return _preempted
-
-
 def requeue_if_preempted(trainer=None) -> bool:
     """After training returned: True if it stopped for a signal. Under Slurm, rank 0 also requeues the job."""
     if not _preempted:

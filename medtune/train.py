@@ -12,8 +12,12 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medtune.config import ConfigError, Recipe, parse_recipe
+
+if TYPE_CHECKING:
+    from medtune.inference import Completion
 
 logger = logging.getLogger("medtune")
 
@@ -27,10 +31,10 @@ class TrainResult:
     adapter_path: Path | None
     log_history: list[dict]
     preempted: bool
-    sample_answer: str | None
+    sample_answer: Completion | None
 
 
-def build_trainer(recipe: Recipe, tokenizer, prepared, model):
+def build_trainer(recipe: Recipe, tokenizer, prepared, model, use_wandb: bool = False):
     from trl import SFTTrainer, get_peft_config
 
     from medtune.monitoring import monitoring_callbacks
@@ -50,15 +54,16 @@ def build_trainer(recipe: Recipe, tokenizer, prepared, model):
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         peft_config=get_peft_config(recipe.model),
-        callbacks=[PreemptionCallback(), *monitoring_callbacks(recipe, prepared)],
+        callbacks=[PreemptionCallback(), *monitoring_callbacks(recipe, prepared, use_wandb)],
     )
 
 
-def answer_sample(model, tokenizer, prompt: str) -> str:
-    from medtune.inference import generate
+def answer_sample(model, tokenizer, prompt: str) -> Completion:
+    """The trained model's reply to `prompt`, with its finish reason."""
+    from medtune.inference import complete
 
     model.eval()
-    return generate(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=48)[0]
+    return complete(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=48)[0]
 
 
 def evaluate_generations(trainer, tokenizer, prepared, samples: int) -> None:
@@ -89,8 +94,8 @@ def train(recipe: Recipe) -> TrainResult:
     resume = preemption.find_resume_checkpoint(recipe.training.output_dir) if recipe.data.resume else None
     if recipe.data.resume:
         logger.info("resuming from %s", resume or "scratch (no complete checkpoint yet)")
-    configure_wandb(recipe, resume)
-    trainer = build_trainer(recipe, tokenizer, prepared, load_model(recipe))
+    use_wandb = configure_wandb(recipe, resume)
+    trainer = build_trainer(recipe, tokenizer, prepared, load_model(recipe), use_wandb)
     trainer.train(resume_from_checkpoint=resume)
     output_dir = Path(recipe.training.output_dir)
     if preemption.requeue_if_preempted(trainer):
@@ -123,8 +128,13 @@ def main(argv: list[str] | None = None) -> None:
         if losses:
             print(f"loss: first logged {losses[0]:.4f} -> last logged {losses[-1]:.4f}")
         print(f"adapter saved to: {result.adapter_path}")
+        answer = result.sample_answer
         print(f"sample question: {recipe.data.sample_prompt}")
-        print(f"model answer: {result.sample_answer}")
+        print(f"model answer: {answer.text}")
+        if answer.finish_reason == "stop":
+            print(f"(generation stopped at <|end_of_turn|> after {answer.completion_tokens} tokens)")
+        else:
+            print(f"(stopped at the {answer.completion_tokens}-token limit before <|end_of_turn|>)")
 
 
 if __name__ == "__main__":

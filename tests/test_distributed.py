@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from medtune.train import EXIT_PREEMPTED
 from slurm_cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = ROOT / "configs" / "accelerate"
-EXIT_PREEMPTED = 3  # medtune.train.EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow
 

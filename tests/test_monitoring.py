@@ -195,12 +195,12 @@ def wandb_env(monkeypatch, tmp_path):
 def test_configure_wandb_offline_without_credentials(wandb_env, tmp_path, caplog):
     recipe = make_recipe(tmp_path, wandb_project="proj", wandb_tags="a,b", wandb_group="g")
     with caplog.at_level(logging.INFO, logger="medtune.monitoring"):
-        monitoring.configure_wandb(recipe)
+        use_wandb = monitoring.configure_wandb(recipe)
     assert os.environ["WANDB_MODE"] == "offline"
     assert "wandb sync" in caplog.text
     assert [os.environ[k] for k in ("WANDB_PROJECT", "WANDB_TAGS", "WANDB_RUN_GROUP")] == ["proj", "a,b", "g"]
     assert os.environ["WANDB_DIR"] == recipe.training.output_dir  # offline runs land next to the checkpoints
-    assert recipe.training.report_to == [] and recipe.monitoring._use_wandb
+    assert recipe.training.report_to == [] and use_wandb
     assert "WANDB_RUN_ID" not in os.environ
 
 
@@ -213,21 +213,19 @@ def test_configure_wandb_keeps_environment_and_explicit_mode(wandb_env, tmp_path
 
 def test_configure_wandb_off(wandb_env, tmp_path):
     recipe = make_recipe(tmp_path, report_to="none")
-    monitoring.configure_wandb(recipe)
-    assert not recipe.monitoring._use_wandb and "WANDB_MODE" not in os.environ
+    assert not monitoring.configure_wandb(recipe) and "WANDB_MODE" not in os.environ
     wandb_env.setenv("WANDB_MODE", "disabled")
     recipe = make_recipe(tmp_path, report_to=["wandb", "tensorboard"])
-    monitoring.configure_wandb(recipe)
-    assert not recipe.monitoring._use_wandb and recipe.training.report_to == ["tensorboard"]
+    assert not monitoring.configure_wandb(recipe) and recipe.training.report_to == ["tensorboard"]
 
 
 def test_configure_wandb_without_wandb_installed(wandb_env, tmp_path, caplog):
     wandb_env.setitem(__import__("sys").modules, "wandb", None)  # makes `import wandb` fail
     recipe = make_recipe(tmp_path)
-    monitoring.configure_wandb(recipe)
+    use_wandb = monitoring.configure_wandb(recipe)
     assert "cannot be imported" in caplog.text
-    assert not recipe.monitoring._use_wandb and recipe.training.report_to == []
-    assert monitoring.RunCallback(recipe, None, use_wandb=recipe.monitoring._use_wandb)._wandb is None
+    assert not use_wandb and recipe.training.report_to == []
+    assert monitoring.RunCallback(recipe, None, use_wandb=use_wandb)._wandb is None
 
 
 def test_configure_wandb_resume_uses_newest_checkpoint_run_id(wandb_env, tmp_path):

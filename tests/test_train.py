@@ -75,7 +75,8 @@ def test_generation_with_the_trained_adapter_stops_at_end_of_turn(trained):
     from medtune.chat_format import user_message
 
     _, result, rows = trained
-    assert result.sample_answer and "<|end_of_turn|>" not in result.sample_answer
+    assert result.sample_answer.finish_reason == "stop" and result.sample_answer.text
+    assert "<|end_of_turn|>" not in result.sample_answer.text
     model, tok = load_model(result.output_dir)  # the serving path: adapter on the un-quantized base
     conversations = [[{"role": "user", "content": user_message(r["instruction"], r["input"])}]
                      for r in map(json.loads, rows[:4])]
