@@ -200,6 +200,17 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
     return recipe
 
 
+def recipe_from_command_line(argv: list[str] | None = None) -> Recipe:
+    """For command-line entry points: log to the console, parse the recipe, or exit with its one-line error."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return parse_recipe(argv)
+    except ConfigError as err:
+        sys.exit(f"medtune: {err}")
+
+
 def _check_types(values: dict, where: str) -> None:
     """YAML values become argparse defaults, which argparse never type-checks: check them here."""
     hints = {}

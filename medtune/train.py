@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medtune.config import ConfigError, Recipe, parse_recipe
+from medtune.config import Recipe, recipe_from_command_line
 
 if TYPE_CHECKING:
     from medtune.inference import Completion
@@ -115,11 +115,7 @@ def train(recipe: Recipe) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        recipe = parse_recipe(argv)
-    except ConfigError as err:
-        sys.exit(f"medtune: {err}")
+    recipe = recipe_from_command_line(argv)
     result = train(recipe)
     if result.preempted:
         sys.exit(EXIT_PREEMPTED)

@@ -5,18 +5,11 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from medtune.config import ConfigError, parse_recipe
+from medtune.config import recipe_from_command_line
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        recipe = parse_recipe(argv)
-    except ConfigError as err:
-        sys.exit(f"medtune: {err}")
+    recipe = recipe_from_command_line(argv)
     from medtune.model import load_tokenizer
     from medtune.data import prepare_dataset
 
