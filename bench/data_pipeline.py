@@ -9,8 +9,9 @@ Sides (each starts from the same JSONL file, cold: fresh caches every repeat; al
                 SFTTrainer(packing=True) does with a text field (TRL 1.16's default packing strategy).
   medtune_cache_hit  a second prepare_dataset call on the same inputs (the start-up cost of every later run).
 
-medtune skips rows whose prompt alone exceeds max_length (counted in its stats) and truncates only the reply;
-the tutorial pipelines truncate every row at max_length. rows/s counts input rows on every side.
+medtune fits over-long rows by cutting the end of the input text first (the reply keeps at least a quarter of
+max_length), then the reply's end, and skips (counts) rows that would lose most of their prompt; the tutorial
+pipelines cut every row at max_length, answer included. rows/s counts input rows on every side.
 Reports rows/s, real tokens/s and packing efficiency (real tokens / (rows after packing x max_length)), median
 over --repeats, and each side's ratio to the baseline.
 

@@ -56,7 +56,8 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval rows."})
     overlong: str = field(
         default="truncate",
-        metadata={"help": "Rows longer than max_length: 'truncate' the reply or 'drop' the row (both counted).",
+        metadata={"help": "Rows longer than max_length: 'truncate' (the input's end, then the reply's end) or "
+                  "'drop' the row (both counted).",
                   "choices": ["truncate", "drop"]},
     )
     data_cache_dir: str = field(

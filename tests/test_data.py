@@ -22,6 +22,7 @@ def _write_bad_file(path):
     good = {"instruction": "Name the disease.", "input": "Fever and rash.", "output": "Measles."}
     long_reply = {"instruction": "Explain.", "input": "", "output": "word " * 400}
     long_prompt = {"instruction": "Read this. " + "text " * 400, "input": "", "output": "ok"}
+    hopeless = {"instruction": "Read this. " + "text " * 1200, "input": "", "output": "word " * 400}
     lines = [json.dumps(good)] * 5 + [
         json.dumps({"instruction": "No output here."}),                       # missing_output
         json.dumps({"input": "x", "output": "y"}),                            # missing_instruction
@@ -32,8 +33,9 @@ def _write_bad_file(path):
         json.dumps(["not", "an", "object"]),                                  # not_an_object
         '{"instruction": "broken json", "output": ',                          # invalid_json
         "",                                                                    # blank lines are not rows
-        json.dumps(long_reply),                                               # too long: truncated or dropped
-        json.dumps(long_prompt),                                              # prompt alone too long: dropped
+        json.dumps(long_reply),                                               # too long: reply tail cut
+        json.dumps(long_prompt),                                              # prompt alone too long: input cut
+        json.dumps(hopeless),                                                 # cutting 3/4 of the prompt: dropped
     ]
     path.write_text("\n".join(lines) + "\n")
 
@@ -42,8 +44,8 @@ def test_read_rows_counts_every_skipped_row(tmp_path):
     path = tmp_path / "bad.jsonl"
     _write_bad_file(path)
     rows, report = read_rows(str(path), "train")
-    assert report.rows_read == 15
-    assert len(rows) == 7
+    assert report.rows_read == 16
+    assert len(rows) == 8
     assert dict(report.skipped) == {
         "missing_output": 1, "missing_instruction": 1, "empty_output": 1, "empty_instruction": 1,
         "non_string_input": 1, "non_string_output": 1, "not_an_object": 1, "invalid_json": 1,
@@ -52,8 +54,8 @@ def test_read_rows_counts_every_skipped_row(tmp_path):
 
 
 @pytest.mark.parametrize("overlong, kept, truncated, skipped", [
-    ("truncate", 6, 1, {"prompt_too_long": 1}),
-    ("drop", 5, 0, {"too_long": 2}),
+    ("truncate", 7, 2, {"prompt_too_long": 1}),
+    ("drop", 5, 0, {"too_long": 3}),
 ])
 def test_bad_data_file_completes_with_exact_counts(tmp_path, tiny_args, tok, overlong, kept, truncated, skipped):
     path = tmp_path / "bad.jsonl"
@@ -62,7 +64,7 @@ def test_bad_data_file_completes_with_exact_counts(tmp_path, tiny_args, tok, ove
                                        "--overlong", overlong])
     prepared = prepare_dataset(recipe, tok)
     s = prepared.stats
-    assert s.rows_read == 15 and s.rows_kept == kept and s.truncated == truncated
+    assert s.rows_read == 16 and s.rows_kept == kept and s.truncated == truncated
     expected = {"missing_output": 1, "missing_instruction": 1, "empty_output": 1, "empty_instruction": 1,
                 "non_string_input": 1, "non_string_output": 1, "not_an_object": 1, "invalid_json": 1, **skipped}
     assert s.skipped == expected
@@ -70,6 +72,22 @@ def test_bad_data_file_completes_with_exact_counts(tmp_path, tiny_args, tok, ove
     assert prepared.eval is None
     assert all(len(ids) <= 256 for ids in prepared.train["input_ids"])
     assert sum(map(sum, prepared.train["seq_lengths"])) == s.tokens
+
+
+def test_overlong_rows_keep_the_template_and_a_reply(tok):
+    eot = tok.convert_tokens_to_ids("<|end_of_turn|>")
+    from medtune.chat_format import encode_example
+
+    row = {"instruction": "Summarize the findings.", "input": "finding " * 300, "output": "Normal study. " * 20}
+    ids, mask = pipeline.fit(*encode_example(tok, row), max_length=128, eot_id=eot)
+    assert len(ids) == 128 and ids[0] == tok.bos_token_id and ids.count(eot) == 1
+    prompt = tok.decode(ids[:mask.index(1)])
+    assert prompt.startswith("<s> GPT4 Correct User: Summarize the findings.") and prompt.endswith("Assistant:")
+    assert sum(mask) == 128 // 4  # the reply keeps its reserved quarter
+    assert tok.decode([i for i, m in zip(ids, mask) if m]).startswith("Normal study.")
+    short_reply = dict(row, output="Normal.")
+    ids, mask = pipeline.fit(*encode_example(tok, short_reply), max_length=128, eot_id=eot)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Normal.<|end_of_turn|>"  # whole reply, its end too
 
 
 def test_sample_packs_efficiently_with_prompt_masked(tiny_args, tok):

@@ -27,7 +27,7 @@ from medtune.data.rows import RowReport, hub_splits, is_local, local_files, read
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 2  # bump when the encoding or packing changes meaning
+PIPELINE_VERSION = 3  # bump when the encoding or packing changes meaning
 ENCODE_BATCH = 1000
 EVAL_ROWS = "eval_rows.jsonl"
 
@@ -68,20 +68,38 @@ class PreparedData:
     cache_dir: Path
 
 
+def fit(ids: list[int], mask: list[int], max_length: int, eot_id: int) -> tuple[list[int], list[int]] | None:
+    """Cut an over-long encoded row to max_length, or None when nothing useful is left.
+
+    The reply keeps at least a quarter of max_length (or all of it, if shorter): the tail of the user turn (the
+    end of the input text) is cut first when the prompt alone is too long, then the tail of the reply. The
+    template tokens (BOS, role prefixes, the end-of-turn ids) always stay.
+    """
+    prompt_len = mask.index(1)
+    reserve = min(len(ids) - prompt_len, max_length // 4)
+    excess = prompt_len + reserve - max_length
+    if excess > 0:
+        user_end = ids.index(eot_id)  # the user turn's end; typed text never encodes to this id
+        if user_end - excess <= user_end // 4:  # most of the user turn would go: not a sample
+            return None
+        ids, mask = ids[:user_end - excess] + ids[user_end:], mask[:user_end - excess] + mask[user_end:]
+    return ids[:max_length], mask[:max_length]
+
+
 def encode_rows(rows: list[dict], tokenizer, max_length: int, overlong: str, completion_only_loss: bool,
                 stats: DataStats, report: RowReport) -> dict[str, list]:
     """input_ids + labels (-100 outside the reply when completion_only_loss) for rows that fit or were truncated."""
+    eot_id = tokenizer.convert_tokens_to_ids(chat_format.END_OF_TURN)
     out = {"input_ids": [], "labels": []}
     for start in range(0, len(rows), ENCODE_BATCH):
         batch = rows[start:start + ENCODE_BATCH]
         for row, (ids, mask) in zip(batch, chat_format.encode_examples(tokenizer, batch)):
             if len(ids) > max_length:
-                prompt_len = mask.index(1)
-                if overlong == "drop" or prompt_len >= max_length:
+                cut = fit(ids, mask, max_length, eot_id) if overlong == "truncate" else None
+                if cut is None:
                     report.skip("too_long" if overlong == "drop" else "prompt_too_long", row["where"])
                     continue
-                # Keep the whole prompt and as much of the reply as fits.
-                ids, mask = ids[:max_length], mask[:max_length]
+                ids, mask = cut
                 stats.truncated += 1
             labels = [t if m or not completion_only_loss else -100 for t, m in zip(ids, mask)]
             out["input_ids"].append(ids)
