@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from medtune.train import EXIT_PREEMPTED
+from conftest import RESUME_RTOL
 from slurm_cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,4 +176,4 @@ def test_preempted_run_resumes_exactly(tiny_args, tmp_path):
     expected, resumed = losses(straight / f"checkpoint-{steps}"), losses(out / f"checkpoint-{steps}")
     assert sorted(resumed) == list(range(1, steps + 1))
     for step in range(stopped_at + 1, steps + 1):
-        assert resumed[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-4), (step, resumed, expected)
+        assert resumed[step] == pytest.approx(expected[step], rel=RESUME_RTOL), (step, resumed, expected)
