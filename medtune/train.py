@@ -47,7 +47,7 @@ def build_trainer(recipe: Recipe, tokenizer, prepared, model, use_wandb: bool = 
     args.padding_free = args.packing
     if prepared.eval is None:
         args.eval_strategy = "no"
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=prepared.train,
@@ -56,6 +56,15 @@ def build_trainer(recipe: Recipe, tokenizer, prepared, model, use_wandb: bool = 
         peft_config=get_peft_config(recipe.model),
         callbacks=[PreemptionCallback(), *monitoring_callbacks(recipe, prepared, use_wandb)],
     )
+    if args.deepspeed_plugin is None:
+        # TRL stores a quantized model's LoRA weights in bf16. Keep them in fp32 (autocast still computes in
+        # fp16/bf16): fp16 AMP needs fp32 master weights, and a resumed optimizer state is cast to the weights'
+        # dtype on load, so bf16 weights would round it and a resumed run would drift from an uninterrupted one.
+        # DeepSpeed keeps its own fp32 master copy.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
 
 
 def answer_sample(model, tokenizer, prompt: str) -> Completion:
