@@ -2,7 +2,7 @@
 
 Sides (same tiny 4-bit model, LoRA r8 on all linear layers, paged_adamw_32bit, gradient checkpointing, fp32 on CPU,
 same micro-batch, same synthetic MedTuned-shaped rows):
-  medtune     medtune.train.build_trainer on medtune.data.prepare_dataset output: BFD-packed rows, padding-free
+  medtune     medtune.train.build_run (the training command's own setup): BFD-packed rows, padding-free
               collator (one flattened sequence per micro-batch, position_ids restart per sample).
   baseline    the tutorial: SFTTrainer on a `text` field, packing=False, every row padded to max_length 512.
   trl_packed  the tutorial text with TRL 1.16's own packing (packing=True, strategy bfd, padding-free).
@@ -136,9 +136,7 @@ def tutorial_trainer(rows: list[dict], model_dir: str, tokenizer, out: Path, ste
 def medtune_trainer(data_file: Path, model_dir: str, out: Path, steps: int, batch: int, max_length: int,
                     overrides: tuple[str, ...] = ()):
     from medtune.config import parse_recipe
-    from medtune.data import prepare_dataset
-    from medtune.model import load_model, load_tokenizer, resolve_precision
-    from medtune.train import build_trainer
+    from medtune.train import build_run
 
     recipe = parse_recipe([
         "--config", str(ROOT / "configs/recipes/tiny.yaml"), "--model_name_or_path", model_dir,
@@ -150,9 +148,7 @@ def medtune_trainer(data_file: Path, model_dir: str, out: Path, steps: int, batc
         *(["--ddp_backend", "gloo"] if _gloo() else []), *overrides,
     ])
     recipe.data.eval_dataset_name, recipe.data.eval_split = None, "none"
-    resolve_precision(recipe.training)
-    tokenizer = load_tokenizer(recipe)
-    return build_trainer(recipe, tokenizer, prepare_dataset(recipe, tokenizer), load_model(recipe))
+    return build_run(recipe).trainer
 
 
 def worker(args) -> None:

@@ -9,7 +9,7 @@ Sides, per --seq, alternating, --repeats times in this one process:
   baseline    the tutorial: `text` field, every row padded to seq, micro-batch 4, fp16, paged_adamw_32bit,
               LoRA r8 on all linear layers, gradient checkpointing, library defaults otherwise.
   trl_packed  the same with TRL 1.16's default packing (packing=True, bfd, padding-free).
-  medtune     medtune.train.build_trainer: BFD-packed padding-free rows plus the options below.
+  medtune     medtune.train.build_run: BFD-packed padding-free rows plus the options below.
 
 medtune options (the field's usual ones, each a flag): bf16 (--dtype), SDPA or FlashAttention (--attn), Liger
 layer kernels: RMSNorm, SwiGLU, RoPE (--liger, default on when liger-kernel is importable), a larger micro-batch

@@ -34,7 +34,7 @@ class TrainResult:
     sample_answer: Completion | None
 
 
-def build_trainer(recipe: Recipe, tokenizer, prepared, model, use_wandb: bool = False):
+def build_trainer(recipe: Recipe, tokenizer, prepared, model, use_wandb: bool):
     from trl import SFTTrainer, get_peft_config
 
     from medtune.monitoring import monitoring_callbacks
@@ -90,7 +90,17 @@ def evaluate_generations(trainer, tokenizer, prepared, samples: int) -> None:
     trainer.log(metrics)
 
 
-def train(recipe: Recipe) -> TrainResult:
+@dataclass
+class Run:
+    """Everything `train` works with, ready before the first step."""
+
+    tokenizer: object
+    prepared: object  # medtune.data.PreparedData
+    trainer: object  # trl.SFTTrainer
+    resume: str | None  # checkpoint to resume from
+
+
+def build_run(recipe: Recipe) -> Run:
     from medtune import preemption
     from medtune.data import prepare_dataset
     from medtune.model import load_model, load_tokenizer, resolve_precision
@@ -105,6 +115,14 @@ def train(recipe: Recipe) -> TrainResult:
         logger.info("resuming from %s", resume or "scratch (no complete checkpoint yet)")
     use_wandb = configure_wandb(recipe, resume)
     trainer = build_trainer(recipe, tokenizer, prepared, load_model(recipe), use_wandb)
+    return Run(tokenizer, prepared, trainer, resume)
+
+
+def train(recipe: Recipe) -> TrainResult:
+    from medtune import preemption
+
+    run = build_run(recipe)
+    tokenizer, prepared, trainer, resume = run.tokenizer, run.prepared, run.trainer, run.resume
     trainer.train(resume_from_checkpoint=resume)
     output_dir = Path(recipe.training.output_dir)
     if preemption.requeue_if_preempted(trainer):
