@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,19 @@ RESUME_RTOL = 1e-6
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (servers, rendezvous and Slurm daemons in the tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def losses(checkpoint: Path) -> dict[int, float]:
+    """Per-step training losses recorded in a checkpoint's trainer_state.json."""
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+    return {e["step"]: e["loss"] for e in history if "loss" in e}
 
 
 @pytest.fixture(scope="session")

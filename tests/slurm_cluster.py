@@ -17,18 +17,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 
 
 class ClusterUnavailable(RuntimeError):
     """The cluster cannot start on this machine (missing packages, not root, no munge key)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def unavailable_reason() -> str | None:

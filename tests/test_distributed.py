@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 
 from medtune.train import EXIT_PREEMPTED
-from conftest import RESUME_RTOL
-from slurm_cluster import free_port
+from conftest import RESUME_RTOL, ROOT, free_port, losses
 
-ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = ROOT / "configs" / "accelerate"
 
 pytestmark = pytest.mark.slow
@@ -48,11 +46,6 @@ def run_args(tiny_args: list[str], steps: int, **overrides) -> list[str]:
             "eval_strategy": "no", "save_strategy": "steps", "save_steps": steps, "ddp_backend": "gloo",
             "sample_prompt": "", "generation_eval_samples": 0, "report_to": "none", **overrides}
     return [*tiny_args, *(x for k, v in keys.items() for x in (f"--{k}", str(v)))]
-
-
-def losses(checkpoint: Path) -> dict[int, float]:
-    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
-    return {e["step"]: e["loss"] for e in history if "loss" in e}
 
 
 def check_ok(proc: subprocess.CompletedProcess, expected: int = 0) -> None:

@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import MistralConfig, MistralForCausalLM, TrainerControl, TrainerState
 from trl import ModelConfig, SFTConfig
 
+from conftest import ROOT, free_port
 from medtune import monitoring
 from medtune.config import DataArguments, MonitoringArguments, Recipe
 from medtune.monitoring import FlopModel, RankLogFilter, ThroughputCallback, batch_counts, peak_flops
@@ -240,17 +241,8 @@ def test_configure_wandb_resume_uses_newest_checkpoint_run_id(wandb_env, tmp_pat
 
 # ---- Full training runs (launch/train.py on the tiny model) -------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--max_steps", "6", "--logging_steps", "2", "--eval_steps", "3", "--save_strategy", "steps",
        "--save_steps", "3", "--sample_prompt", "", "--peak_tflops", "1"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(args: list[str], tmp_path, processes: int = 1, **env) -> str:

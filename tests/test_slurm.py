@@ -8,7 +8,6 @@ in CI (CI=true) that is a failure instead.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -16,12 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RESUME_RTOL
-from slurm_cluster import ClusterUnavailable, SlurmCluster, free_port, unavailable_reason
+from conftest import RESUME_RTOL, ROOT, TINY_RECIPE, free_port, losses
+from slurm_cluster import ClusterUnavailable, SlurmCluster, unavailable_reason
 
-ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "slurm" / "train.sbatch"
-TINY_RECIPE = ROOT / "configs" / "recipes" / "tiny.yaml"
 RANK_LINE = re.compile(r"medtune: node=\S+ slurm_node=(\S+) machine_rank=(\d+) of (\d+)")
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 
@@ -79,11 +76,6 @@ def submit(cluster: SlurmCluster, tmp_path: Path, out: Path, tiny_model_dir: Pat
         cwd=ROOT, env=job_env,
     )
     return job, logs / f"medtune-{job}.out"
-
-
-def losses(checkpoint: Path) -> dict[int, float]:
-    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
-    return {e["step"]: e["loss"] for e in history if "loss" in e}
 
 
 def read(log: Path) -> str:

@@ -16,9 +16,6 @@ NLI = "premise and hypothesis"  # one-word replies: a tiny random model learns t
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory, sample_train_file):
-    import sys
-    import types
-
     from medtune.train import train
 
     tmp = tmp_path_factory.mktemp("train")

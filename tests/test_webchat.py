@@ -1,15 +1,15 @@
 """The web chat page in headless Chromium against a real `medtune-serve` process."""
 
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+from conftest import ROOT, free_port
+
+ARTIFACTS = ROOT / "test-artifacts"
 CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--no-first-run", "--window-size=1280,900"]
@@ -24,12 +24,6 @@ new MutationObserver(() => {
   if (bubbles.length) window.replyLengths.push(bubbles[bubbles.length - 1].textContent.length);
 }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
