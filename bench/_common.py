@@ -35,6 +35,20 @@ def interleave(sides: dict[str, Callable[[], dict]], repeats: int) -> dict[str, 
     return results
 
 
+def guarded(run: Callable[[], dict]) -> Callable[[], dict]:
+    """One side failing (out of memory, a kernel that does not install) is a result, not the end of the run: the
+    other sides' numbers still come out, and the error is reported in its row."""
+    def call() -> dict:
+        try:
+            return run()
+        except Exception as err:
+            import traceback
+
+            traceback.print_exc()
+            return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+    return call
+
+
 def median(results: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in results)
 

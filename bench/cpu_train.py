@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo root on sys.path)
-from _common import ROOT, TINY_DIR, interleave, machine, median, print_table, tutorial_text, write_json
+from _common import ROOT, TINY_DIR, guarded, interleave, machine, median, print_table, tutorial_text, write_json
 
 import synthetic
 
@@ -144,6 +144,7 @@ def medtune_trainer(data_file: Path, model_dir: str, out: Path, steps: int, batc
         "--max_length", str(max_length), "--output_dir", str(out), "--max_steps", str(steps),
         "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
         "--logging_steps", "10000", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
+        "--eval_dataset_name", str(data_file),  # tiny.yaml's eval path is relative to the repo; no eval here
         "--learning_rate", "2e-4", "--disable_tqdm", "true", "--sample_prompt", "",
         *(["--ddp_backend", "gloo"] if _gloo() else []), *overrides,
     ])
@@ -168,15 +169,9 @@ def worker(args) -> None:
 
     def side(build):
         def run() -> dict:
-            try:
-                with tempfile.TemporaryDirectory() as tmp:
-                    return timed_train(build(Path(tmp)), args.warmup)
-            except Exception as err:  # one side failing under a launcher is a result, not a crash
-                import traceback
-
-                traceback.print_exc()
-                return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
-        return run
+            with tempfile.TemporaryDirectory() as tmp:
+                return timed_train(build(Path(tmp)), args.warmup)
+        return guarded(run)
 
     sides = {
         "baseline": side(lambda out: tutorial_trainer(rows, args.model_dir, tokenizer, out, args.steps,

@@ -11,10 +11,11 @@ Sides, per --seq, alternating, --repeats times in this one process:
   trl_packed  the same with TRL 1.16's default packing (packing=True, bfd, padding-free).
   medtune     medtune.train.build_run: BFD-packed padding-free rows plus the options below.
 
-medtune options (the field's usual ones, each a flag): bf16 (--dtype), SDPA or FlashAttention (--attn), Liger
-layer kernels: RMSNorm, SwiGLU, RoPE (--liger, default on when liger-kernel is importable), a larger micro-batch
-in packed rows (--medtune-batch / --medtune-tokens), TRL's loss_type (--loss), packing off for ablation
-(--no-packing). Chunked cross-entropy needs no flag: TRL 1.16 always computes the loss through its fused LM head in
+medtune options (the field's usual ones, each a flag): bf16 (--dtype), SDPA, flex attention or FlashAttention
+(--attn), Liger layer kernels: RMSNorm, SwiGLU, RoPE (--liger, default on when liger-kernel is importable), a larger
+micro-batch in packed rows (--medtune-batch / --medtune-tokens), TRL's loss_type (--loss), gradient checkpointing
+off (--no-checkpointing), packing off for ablation (--no-packing). --sides runs a subset.
+Chunked cross-entropy needs no flag: TRL 1.16 always computes the loss through its fused LM head in
 chunks, on every side (its `chunked_nll` is an alias of `nll`, and it turns Liger's fused linear CE off).
 
 Reported per side: real (non-padding) tokens/s, step time, MFU, peak GPU memory, and ratios to the baseline.
@@ -24,7 +25,7 @@ counts the base weights' gradient FLOPs, which LoRA does not compute (it compute
 recomputes the forward under checkpointing instead, about the same total).
 
     python bench/gpu_train.py --seq 512 2048
-    python bench/gpu_train.py --seq 2048 --attn flash_attention_2 --medtune-batch 4
+    python bench/gpu_train.py --seq 2048 --attn flex_attention --medtune-batch 4 --sides baseline medtune
     python bench/gpu_train.py --model tiny --allow-cpu --seq 128 --steps 3   # code-path check without a GPU
 """
 
@@ -39,7 +40,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo root on sys.path)
-from _common import ROOT, interleave, machine, median, print_table, write_json
+from _common import ROOT, guarded, interleave, machine, median, print_table, write_json
 
 import synthetic
 from cpu_train import medtune_trainer, timed_train, tutorial_trainer
@@ -47,6 +48,9 @@ from cpu_train import medtune_trainer, timed_train, tutorial_trainer
 # Dense bf16 tensor-core peak per device name fragment (vendor datasheets, no sparsity); --peak-tflops overrides.
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
                "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0}
+
+
+SIDES = ("baseline", "trl_packed", "medtune")
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -117,7 +121,8 @@ def medtune_overrides(args) -> tuple[str, ...]:
     return ("--dtype", "auto" if args.dtype != "fp32" else "float32",
             "--bf16", str(args.dtype == "bf16").lower(), "--fp16", str(args.dtype == "fp16").lower(),
             "--attn_implementation", args.attn, "--loss_type", args.loss,
-            "--packing", str(not args.no_packing).lower(), "--use_liger_kernel", str(args.liger).lower())
+            "--packing", str(not args.no_packing).lower(), "--use_liger_kernel", str(args.liger).lower(),
+            "--gradient_checkpointing", str(args.checkpointing).lower())
 
 
 def _release() -> None:
@@ -129,17 +134,26 @@ def _release() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _side(build, warmup: int) -> dict:
+def _side(label: str, build, warmup: int) -> dict:
+    """Build one side's trainer (model load included, timed apart), train it, and print the result at once: a
+    7B run takes minutes per side, and a run cut short should still have shown what it measured."""
     import torch
 
     _release()
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build(Path(tmp))
+        load_s = time.perf_counter() - start
         result = timed_train(trainer, warmup)
         del trainer
+    result["load_s"] = load_s
+    mem = ""
     if torch.cuda.is_available():
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        mem = f", peak {result['peak_mem_gib']:.1f} GiB"
     _release()
+    print(f"{label}: {result['real_tokens_per_s']:.0f} real tokens/s, step {result['step_s']:.3f}s, "
+          f"load {load_s:.0f}s{mem}", flush=True)
     return result
 
 
@@ -149,31 +163,35 @@ def run_seq(seq: int, args, config: dict, model_dir: Path, data_file: Path, peak
     rows = [json.loads(line) for line in data_file.open()]
     tokenizer = load_tokenizer(str(model_dir))
     medtune_batch = args.medtune_batch or max(1, args.medtune_tokens // seq)
-    sides = {
-        "baseline": lambda: _side(lambda out: tutorial_trainer(
-            rows, str(model_dir), tokenizer, out, args.steps, args.baseline_batch, seq, packing=False), args.warmup),
-        "medtune": lambda: _side(lambda out: medtune_trainer(
-            data_file, str(model_dir), out, args.steps, medtune_batch, seq, medtune_overrides(args)),
-            args.warmup),
+    builders = {
+        "baseline": lambda out: tutorial_trainer(rows, str(model_dir), tokenizer, out, args.steps,
+                                                 args.baseline_batch, seq, packing=False),
+        "trl_packed": lambda out: tutorial_trainer(rows, str(model_dir), tokenizer, out, args.steps,
+                                                   args.baseline_batch, seq, packing=True),
+        "medtune": lambda out: medtune_trainer(data_file, str(model_dir), out, args.steps, medtune_batch, seq,
+                                               medtune_overrides(args)),
     }
-    if not args.no_trl_packed:
-        sides["trl_packed"] = lambda: _side(lambda out: tutorial_trainer(
-            rows, str(model_dir), tokenizer, out, args.steps, args.baseline_batch, seq, packing=True), args.warmup)
+    sides = {name: guarded(lambda name=name: _side(f"seq {seq} {name}", builders[name], args.warmup))
+             for name in args.sides}
     results = interleave(sides, args.repeats)
-    base = median(results["baseline"], "real_tokens_per_s")
-    base_mem = median(results["baseline"], "peak_mem_gib") if "peak_mem_gib" in results["baseline"][0] else None
+    ok = {name: runs for name, runs in results.items() if not any("error" in r for r in runs)}
+    base = ok.get("baseline")
     table = []
     for name, runs in results.items():
-        row = {"seq": seq, "side": name, "micro_batch": medtune_batch if name == "medtune" else args.baseline_batch,
-               "step_s": median(runs, "step_s"), "real_tokens_per_s": median(runs, "real_tokens_per_s"),
-               "slot_efficiency": median(runs, "slot_efficiency")}
-        row["ratio_tokens"] = row["real_tokens_per_s"] / base
+        row = {"seq": seq, "side": name, "micro_batch": medtune_batch if name == "medtune" else args.baseline_batch}
+        if name not in ok:
+            table.append({**row, "note": next(r["error"] for r in runs if "error" in r)})
+            continue
+        row.update({key: median(runs, key) for key in ("step_s", "real_tokens_per_s", "slot_efficiency", "load_s")})
+        if base:
+            row["ratio_tokens"] = row["real_tokens_per_s"] / median(base, "real_tokens_per_s")
         if peak:
             row["mfu"] = median([{"m": step_flops(config, r["timed_tokens"], r["timed_len_sq"]) / r["timed_seconds"]
                                   / (peak * 1e12)} for r in runs], "m")
-        if base_mem:
+        if "peak_mem_gib" in runs[0]:
             row["peak_mem_gib"] = median(runs, "peak_mem_gib")
-            row["ratio_mem"] = row["peak_mem_gib"] / base_mem
+            if base:
+                row["ratio_mem"] = row["peak_mem_gib"] / median(base, "peak_mem_gib")
         table.append(row)
     return table
 
@@ -201,8 +219,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
                    help="Liger kernels (default: on when liger-kernel is installed)")
     p.add_argument("--loss", choices=["nll", "chunked_nll"], default="nll")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="medtune side: gradient checkpointing (off trades memory for ~1/4 fewer FLOPs)")
     p.add_argument("--no-packing", action="store_true", help="medtune side without packing (ablation)")
-    p.add_argument("--no-trl-packed", action="store_true", help="skip the TRL default-packing baseline row")
+    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+                   help="sides to run; ratios need baseline")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: from its name)")
     p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (code-path check only)")
     p.add_argument("--json", default=None)
@@ -226,14 +247,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(f"random checkpoint: {model_dir} ({time.perf_counter() - start:.0f}s)", flush=True)
     data_file = synthetic.write_jsonl(args.rows, synthetic.default_path(args.rows), 0)
     peak = args.peak_tflops or (peak_tflops(device) if torch.cuda.is_available() else None)
-    table = [row for seq in args.seq for row in run_seq(seq, args, config, model_dir, data_file, peak)]
     payload = {"benchmark": "gpu_train", "device": device, "peak_tflops": peak, "machine": machine(),
-               "args": vars(args), "table": table}
+               "args": vars(args), "table": []}
+    for seq in args.seq:
+        payload["table"] += run_seq(seq, args, config, model_dir, data_file, peak)
+        write_json(args.json, payload)  # after every seq: a run stopped later keeps what it measured
     print(f"steps {args.steps} (first {args.warmup} untimed), repeats {args.repeats} (median); medtune: "
-          f"{args.dtype}, attn {args.attn}, liger {args.liger}, loss {args.loss}, packing {not args.no_packing}")
-    print_table(table, ["seq", "side", "micro_batch", "step_s", "real_tokens_per_s", "ratio_tokens", "mfu",
-                        "peak_mem_gib", "ratio_mem", "slot_efficiency"])
-    write_json(args.json, payload)
+          f"{args.dtype}, attn {args.attn}, liger {args.liger}, loss {args.loss}, packing {not args.no_packing}, "
+          f"checkpointing {args.checkpointing}")
+    print_table(payload["table"], ["seq", "side", "micro_batch", "step_s", "real_tokens_per_s", "ratio_tokens",
+                                   "mfu", "peak_mem_gib", "ratio_mem", "slot_efficiency", "load_s", "note"])
     return payload
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import tempfile
@@ -110,8 +111,19 @@ def test_gpu_benchmark_flop_count_matches_starling():
 def test_gpu_benchmark_code_path_on_cpu(tmp_everything):
     out = gpu_train.main(["--model", "tiny", "--allow-cpu", "--model-dir", str(tmp_everything / "random"),
                           "--seq", "128", "--steps", "3", "--warmup", "1", "--repeats", "1", "--rows", "200",
-                          "--no-trl-packed"])
+                          "--sides", "baseline", "medtune"])
     table = {row["side"]: row for row in out["table"]}
     assert set(table) == {"baseline", "medtune"}
     assert table["medtune"]["slot_efficiency"] == 1.0
     assert (tmp_everything / "random" / "model.safetensors.index.json").exists()
+
+
+def test_gpu_benchmark_reports_a_failing_side_and_keeps_the_others(tmp_everything):
+    out = gpu_train.main(["--model", "tiny", "--allow-cpu", "--model-dir", str(tmp_everything / "random"),
+                          "--seq", "128", "--steps", "2", "--warmup", "1", "--repeats", "1", "--rows", "200",
+                          "--sides", "medtune", "trl_packed", "--attn", "no_such_attention",
+                          "--json", str(tmp_everything / "gpu.json")])
+    table = {row["side"]: row for row in out["table"]}
+    assert "no_such_attention" in table["medtune"]["note"] and "real_tokens_per_s" not in table["medtune"]
+    assert table["trl_packed"]["real_tokens_per_s"] > 0 and "ratio_tokens" not in table["trl_packed"]  # no baseline
+    assert json.loads((tmp_everything / "gpu.json").read_text())["table"] == out["table"]

@@ -50,6 +50,24 @@ def test_packed_logits_equal_unpacked(model_and_tok):
         start += n
 
 
+@pytest.mark.slow
+@torch.no_grad()
+def test_flex_attention_keeps_packed_samples_apart(model_and_tok, tiny_model_dir):
+    """flex_attention (a GPU benchmark option) builds a block mask from the restarting position_ids: same logits."""
+    from transformers import AutoModelForCausalLM
+
+    sdpa, tok = model_and_tok
+    flex = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                attn_implementation="flex_attention")
+    batch, lengths = _packed_batch(tok)
+    packed = flex.eval()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+    start = 0
+    for n in lengths:
+        alone = sdpa(input_ids=batch["input_ids"][:, start:start + n], use_cache=False).logits[0]
+        torch.testing.assert_close(packed[start:start + n], alone, atol=1e-4, rtol=1e-4)
+        start += n
+
+
 @torch.no_grad()
 def test_naive_concatenation_would_leak_between_samples(model_and_tok):
     """The equality above is meaningful: without restarting positions, later samples see earlier ones."""
