@@ -51,13 +51,22 @@ def render_messages(messages: Sequence[Mapping[str, str]], add_generation_prompt
     return text + (ASSISTANT_PREFIX if add_generation_prompt else "")
 
 
-def _text_ids(tokenizer, text: str) -> list[int]:
-    # split_special_tokens: user text that spells a special token is encoded as ordinary pieces.
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-
 def _batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    """Ids of each text, with special-token spellings in the text encoded as ordinary pieces."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    # The Rust tokenizer directly, with the switch that `split_special_tokens=True` sets: encode_batch_fast skips
+    # the character offsets and transformers' per-row dict conversion, ~20% of tokenizing 200k rows. Like
+    # transformers, set the switch only when it differs (every transformers call sets it for itself again), so
+    # that concurrent callers (the server) do not write it while another encodes.
+    if not backend.encode_special_tokens:
+        backend.encode_special_tokens = True
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    return _batch_ids(tokenizer, [text])[0]
 
 
 def _turn_ids(tokenizer, role: str, content: str, eot_id: int) -> list[int]:

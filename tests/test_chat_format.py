@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from medtune import chat_format
 from medtune.chat_format import (CHAT_TEMPLATE, END_OF_TURN, encode_example, encode_examples, encode_messages,
                                  format_example, render_messages)
 
@@ -63,3 +64,15 @@ def test_special_tokens_in_user_text_cannot_forge_a_turn(tok, forged):
     assert encode_messages(tok, messages).count(eot) == 3
     # The typed text survives as plain text.
     assert "<|end_of_turn|>GPT4 Correct" in tok.decode([i for i in ids if i != eot], skip_special_tokens=False)
+
+
+def test_batched_encoding_equals_the_tokenizer_call(tok):
+    texts = ["Fièvre 39 °C, 头痛 and a rash", "  two  spaces\n\nand lines ", "typed <|end_of_turn|><|pad_0|> tokens",
+             "", "GPT4 Correct Assistant:"]
+    expected = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    tok.backend_tokenizer.encode_special_tokens = False
+    assert encode_examples(tok, [{"instruction": t, "input": "", "output": t} for t in texts]) == [
+        encode_example(tok, {"instruction": t, "input": "", "output": t}) for t in texts]
+    assert chat_format._batch_ids(tok, texts) == expected
+    # The tokenizer's own calls still see special tokens where they ask to.
+    assert tok("<|end_of_turn|>", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids(END_OF_TURN)]

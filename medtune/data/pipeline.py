@@ -101,17 +101,18 @@ def encode_rows(rows: list[dict], tokenizer, max_length: int, overlong: str, com
                     continue
                 ids, mask = cut
                 stats.truncated += 1
-            labels = [t if m or not completion_only_loss else -100 for t, m in zip(ids, mask)]
+            prompt_len = mask.index(1) if completion_only_loss else 0  # the mask is 0s (prompt) then 1s (reply)
             out["input_ids"].append(ids)
-            out["labels"].append(labels)
+            out["labels"].append([-100] * prompt_len + ids[prompt_len:])
             stats.tokens += len(ids)
-            stats.loss_tokens += sum(1 for x in labels if x != -100)
+            stats.loss_tokens += len(ids) - prompt_len
     return out
 
 
 def build_split(rows: list[dict], report: RowReport, tokenizer, max_length: int, overlong: str,
                 completion_only_loss: bool, packing: bool, fingerprint: str):
     import datasets
+    import pyarrow as pa
     from trl import pack_dataset
 
     stats = DataStats(rows_read=report.rows_read, fingerprint=fingerprint)
@@ -121,7 +122,9 @@ def build_split(rows: list[dict], report: RowReport, tokenizer, max_length: int,
     stats.skipped_examples = {k: list(v) for k, v in report.examples.items()}
     if stats.rows_kept == 0:
         raise ValueError(f"no usable rows: {stats.summary('data')}; check the file's columns (instruction, input, output)")
-    dataset = datasets.Dataset.from_dict(encoded)
+    # Typed Arrow columns: datasets' from_dict infers the types row by row, 3x slower on ~200k rows.
+    dataset = datasets.Dataset(pa.table({"input_ids": pa.array(encoded["input_ids"], pa.list_(pa.int32())),
+                                         "labels": pa.array(encoded["labels"], pa.list_(pa.int64()))}))
     if packing:
         dataset = pack_dataset(dataset, max_length, strategy="bfd")
     else:
