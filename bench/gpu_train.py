@@ -144,6 +144,8 @@ def _side(label: str, build, warmup: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build(Path(tmp))
         load_s = time.perf_counter() - start
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # training's peak (resident model included), not the load's
         result = timed_train(trainer, warmup)
         del trainer
     result["load_s"] = load_s
