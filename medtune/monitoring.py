@@ -26,6 +26,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.integrations import WandbCallback
 
+from medtune.checkpoints import checkpoints
+
 logger = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id.txt"
@@ -422,8 +424,7 @@ def _has_credentials() -> bool:
 
 def resume_run_id(output_dir: str) -> str | None:
     """The W&B run id stored in the newest checkpoint of output_dir that has one."""
-    checkpoints = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    for checkpoint in sorted(checkpoints, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+    for checkpoint in checkpoints(output_dir):
         if (checkpoint / RUN_ID_FILE).is_file():
             return (checkpoint / RUN_ID_FILE).read_text().strip() or None
     return None

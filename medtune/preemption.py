@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import subprocess
 from pathlib import Path
@@ -25,26 +24,19 @@ import torch.distributed as dist
 from accelerate import PartialState
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from medtune.checkpoints import checkpoints
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete"
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 _preempted = False  # set once the ranks have agreed to stop for a signal
 
 
 def find_resume_checkpoint(output_dir: str) -> str | None:
     """Newest checkpoint-<step> folder of output_dir whose save finished on every rank, or None."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    done = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _CHECKPOINT.match(p.name)) and p.is_dir() and (p / COMPLETE_MARKER).is_file()
-    ]
-    return str(max(done)[1]) if done else None
+    return next((str(p) for p in checkpoints(output_dir) if (p / COMPLETE_MARKER).is_file()), None)
 
 
 def requeue_if_preempted(trainer=None) -> bool:

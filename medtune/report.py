@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from medtune.checkpoints import checkpoints
+
 PLOTS = {"loss": "train loss", "eval_loss": "eval loss", "tokens_per_second": "tokens/s"}
 
 
@@ -58,8 +60,7 @@ def _run_files(path: Path) -> list[Path]:
 def _trainer_state(path: Path) -> Path | None:
     if (path / "trainer_state.json").is_file():
         return path / "trainer_state.json"
-    checkpoints = [p for p in path.glob("checkpoint-*/trainer_state.json") if p.parent.name.split("-")[-1].isdigit()]
-    return max(checkpoints, key=lambda p: int(p.parent.name.split("-")[-1]), default=None)
+    return next((c / "trainer_state.json" for c in checkpoints(path) if (c / "trainer_state.json").is_file()), None)
 
 
 def load_history(path: str | os.PathLike) -> list[dict]:
