@@ -24,6 +24,23 @@ def tutorial_text(row: dict) -> str:
             f"GPT4 Correct Assistant: {row['output']}<|end_of_turn|>")
 
 
+def medtune_recipe(data_file: Path, model_dir: str | Path, cache_dir: Path, output_dir: Path, max_length: int,
+                   *overrides: str):
+    """medtune's side: configs/recipes/tiny.yaml's QLoRA settings over `data_file`, train split only (the
+    baselines have no eval either), `overrides` as on the training command line."""
+    from medtune.config import parse_recipe
+
+    recipe = parse_recipe([
+        "--config", str(ROOT / "configs/recipes/tiny.yaml"), "--model_name_or_path", str(model_dir),
+        "--dataset_name", str(data_file), "--data_cache_dir", str(cache_dir), "--output_dir", str(output_dir),
+        "--max_length", str(max_length),
+        "--eval_dataset_name", str(data_file),  # tiny.yaml names its eval file relative to the repo root
+        *overrides,
+    ])
+    recipe.data.eval_dataset_name, recipe.data.eval_split = None, "none"
+    return recipe
+
+
 def interleave(sides: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
     """Run every side `repeats` times, alternating and rotating the order each round, so that load from other
     users of the machine lands on both sides alike; the ratio of medians is what the benchmark reports."""

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo root on sys.path)
-from _common import ROOT, TINY_DIR, guarded, interleave, machine, median, print_table, tutorial_text, write_json
+from _common import (ROOT, TINY_DIR, guarded, interleave, machine, median, medtune_recipe, print_table, tutorial_text,
+                     write_json)
 
 import synthetic
 
@@ -135,20 +136,15 @@ def tutorial_trainer(rows: list[dict], model_dir: str, tokenizer, out: Path, ste
 
 def medtune_trainer(data_file: Path, model_dir: str, out: Path, steps: int, batch: int, max_length: int,
                     overrides: tuple[str, ...] = ()):
-    from medtune.config import parse_recipe
     from medtune.train import build_run
 
-    recipe = parse_recipe([
-        "--config", str(ROOT / "configs/recipes/tiny.yaml"), "--model_name_or_path", model_dir,
-        "--dataset_name", str(data_file), "--data_cache_dir", str(ROOT / ".cache/bench/data"),
-        "--max_length", str(max_length), "--output_dir", str(out), "--max_steps", str(steps),
-        "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
+    recipe = medtune_recipe(
+        data_file, model_dir, ROOT / ".cache/bench/data", out, max_length,
+        "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1",
         "--logging_steps", "10000", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
-        "--eval_dataset_name", str(data_file),  # tiny.yaml's eval path is relative to the repo; no eval here
         "--learning_rate", "2e-4", "--disable_tqdm", "true", "--sample_prompt", "",
         *(["--ddp_backend", "gloo"] if _gloo() else []), *overrides,
-    ])
-    recipe.data.eval_dataset_name, recipe.data.eval_split = None, "none"
+    )
     return build_run(recipe).trainer
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401  (puts the repo root on sys.path)
-from _common import TINY_DIR, interleave, machine, median, print_table, tutorial_text, write_json
+from _common import TINY_DIR, interleave, machine, median, medtune_recipe, print_table, tutorial_text, write_json
 
 import synthetic
 
@@ -37,22 +37,11 @@ def _real_tokens(dataset, column: str = "input_ids") -> int:
     return int(pc.sum(pc.list_value_length(dataset.data.column(column))).as_py())
 
 
-def medtune_recipe(data_file: Path, cache_dir: Path, max_length: int):
-    from medtune.config import parse_recipe
-
-    recipe = parse_recipe(["--config", str(_common.ROOT / "configs/recipes/tiny.yaml"),
-                           "--model_name_or_path", str(TINY_DIR), "--dataset_name", str(data_file),
-                           "--data_cache_dir", str(cache_dir), "--max_length", str(max_length),
-                           "--output_dir", str(cache_dir / "out")])
-    recipe.data.eval_dataset_name, recipe.data.eval_split = None, "none"  # train split only, like the baseline
-    return recipe
-
-
 def run_medtune(data_file: Path, tokenizer, max_length: int, rows: int) -> tuple[dict, dict]:
     from medtune.data import prepare_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = medtune_recipe(data_file, Path(tmp), max_length)
+        recipe = medtune_recipe(data_file, TINY_DIR, Path(tmp), Path(tmp) / "out", max_length)
         start = time.perf_counter()
         prepared = prepare_dataset(recipe, tokenizer)
         cold = time.perf_counter() - start

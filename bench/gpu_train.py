@@ -45,16 +45,7 @@ from _common import ROOT, guarded, interleave, machine, median, print_table, wri
 import synthetic
 from cpu_train import medtune_trainer, timed_train, tutorial_trainer
 
-# Dense bf16 tensor-core peak per device name fragment (vendor datasheets, no sparsity); --peak-tflops overrides.
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-               "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0}
-
-
 SIDES = ("baseline", "trl_packed", "medtune")
-
-
-def peak_tflops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
 
 
 def write_random_checkpoint(config: dict, out_dir: Path, shard_bytes: int = 2 << 30) -> Path:
@@ -189,7 +180,7 @@ def run_seq(seq: int, args, config: dict, model_dir: Path, data_file: Path, peak
             row["ratio_tokens"] = row["real_tokens_per_s"] / median(base, "real_tokens_per_s")
         if peak:
             row["mfu"] = median([{"m": step_flops(config, r["timed_tokens"], r["timed_len_sq"]) / r["timed_seconds"]
-                                  / (peak * 1e12)} for r in runs], "m")
+                                  / peak} for r in runs], "m")
         if "peak_mem_gib" in runs[0]:
             row["peak_mem_gib"] = median(runs, "peak_mem_gib")
             if base:
@@ -201,6 +192,7 @@ def run_seq(seq: int, args, config: dict, model_dir: Path, data_file: Path, peak
 def main(argv: list[str] | None = None) -> dict | None:
     import torch
 
+    from medtune.monitoring import peak_flops
     from medtune.tiny import STARLING_CONFIG, TINY_CONFIG
 
     p = argparse.ArgumentParser(description="GPU QLoRA benchmark on a random Starling-LM-7B-alpha architecture.")
@@ -248,8 +240,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     write_random_checkpoint(config, model_dir)
     print(f"random checkpoint: {model_dir} ({time.perf_counter() - start:.0f}s)", flush=True)
     data_file = synthetic.write_jsonl(args.rows, synthetic.default_path(args.rows), 0)
-    peak = args.peak_tflops or (peak_tflops(device) if torch.cuda.is_available() else None)
-    payload = {"benchmark": "gpu_train", "device": device, "peak_tflops": peak, "machine": machine(),
+    # The training log's table of device peaks (medtune.monitoring), so both report MFU against the same peak.
+    peak = peak_flops(device if torch.cuda.is_available() else None, args.peak_tflops)
+    payload = {"benchmark": "gpu_train", "device": device, "peak_tflops": peak and peak / 1e12, "machine": machine(),
                "args": vars(args), "table": []}
     for seq in args.seq:
         payload["table"] += run_seq(seq, args, config, model_dir, data_file, peak)

@@ -104,8 +104,6 @@ def test_gpu_benchmark_flop_count_matches_starling():
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert gpu_train.linear_params(STARLING_CONFIG) == linear
     assert 7.0e9 < linear < 7.2e9
-    assert gpu_train.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
-    assert gpu_train.peak_tflops("NVIDIA H100 PCIe") == 756.0
 
 
 def test_gpu_benchmark_code_path_on_cpu(tmp_everything):
