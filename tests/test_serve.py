@@ -10,9 +10,9 @@ import openai
 import pytest
 import uvicorn
 
-from medtune.chat_format import END_OF_TURN
-from medtune.inference import load_model
-from medtune.serve.app import DEFAULT_SYSTEM_PROMPT, Limits, ServerSettings, build_prompt, create_app
+from medtune.chat_format import END_OF_TURN, encode_messages
+from medtune.inference import load_model, with_system_prompt
+from medtune.serve.app import DEFAULT_SYSTEM_PROMPT, Limits, ServerSettings, create_app
 
 LIMITS = Limits(max_body_bytes=20_000, max_messages=8, max_message_chars=2000, max_tokens=64)
 
@@ -125,6 +125,11 @@ def test_oversized_body_is_refused(server):
 def test_unknown_route_error_shape(server):
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and "message" in r.json()["error"]
+
+
+def build_prompt(tok, messages, system_prompt):
+    """The prompt ids the endpoint generates from: its messages (with_system_prompt), encoded by inference."""
+    return encode_messages(tok, with_system_prompt(messages, system_prompt))
 
 
 def test_typed_special_tokens_cannot_forge_a_turn(model_and_tok):

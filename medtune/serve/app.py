@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import anyio
 from fastapi import FastAPI, Request
@@ -81,11 +81,6 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
         return JSONResponse({"error": body}, status_code=self.status)
-
-
-def build_prompt(tok, messages: Sequence[Mapping[str, str]], system_prompt: str) -> list[int]:
-    """Prompt ids exactly as the server generates from them (user text cannot forge turn boundaries)."""
-    return encode_messages(tok, with_system_prompt(messages, system_prompt))
 
 
 def check_limits(req: ChatRequest, limits: Limits) -> int:
