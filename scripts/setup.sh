@@ -15,15 +15,14 @@ if [[ "${1:-}" == "--system" ]]; then
   for cmd_pkg in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge chromium:chromium chromedriver:chromium-driver; do
     command -v "${cmd_pkg%%:*}" >/dev/null 2>&1 || need+=("${cmd_pkg#*:}")
   done
+  SUDO=$([[ $(id -u) == 0 ]] && echo "" || echo sudo)
   if ((${#need[@]})); then
-    SUDO=$([[ $(id -u) == 0 ]] && echo "" || echo sudo)
     echo "installing Debian packages: ${need[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
   fi
   # The Slurm tests start their own munged, which needs the host key the Debian package normally creates.
-  [[ -f /etc/munge/munge.key ]] || $([[ $(id -u) == 0 ]] || echo sudo) mungekey --create
-
+  [[ -f /etc/munge/munge.key ]] || $SUDO mungekey --create
 fi
 
 stamp="$VENV/.medtune-installed"
