@@ -26,7 +26,7 @@ _TOKEN = re.compile(r"[a-z0-9]+|,")
 @dataclass(frozen=True)
 class Triage:
     level: str
-    matched: list[dict] = field(default_factory=list)  # [{"id", "label"}] of the rules that fired
+    matched: list[dict] = field(default_factory=list)  # [{"id", "label"}] of the rules that fired at `level`
     notice: str = ""
 
     def as_dict(self) -> dict:
@@ -166,6 +166,7 @@ class Rules:
         if not fired:
             return Triage("none")
         level = max((r["level"] for r in fired), key=LEVELS.index)
+        fired = [r for r in fired if r["level"] == level]  # what explains the level ("chest pain" adds nothing)
         advice = [" ".join(r["advice"].split()) for r in fired if r.get("advice")]
         return Triage(level, [{"id": r["id"], "label": r["label"]} for r in fired],
                       " ".join([self.notices[level], *dict.fromkeys(advice)]))
