@@ -42,8 +42,10 @@ def client(server):
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list()] == ["tiny-starling"]
     assert client.models.list().data[0].max_model_len == 2048  # the page trims the conversation to this
-    assert httpx.get(server.url + "/health").json() == {"status": "ok", "model": "tiny-starling", "waiting": 0,
-                                                        "running": 0}
+    health = httpx.get(server.url + "/health").json()
+    assert {k: health[k] for k in ("status", "model", "waiting", "running")} == {
+        "status": "ok", "model": "tiny-starling", "waiting": 0, "running": 0}
+    assert set(health["requests"]) == {"finished", "cancelled", "timed_out", "failed"}
 
 
 def test_completion(client):

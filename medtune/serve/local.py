@@ -29,7 +29,9 @@ class LocalBackend:
         self.batcher.close()
 
     def health(self) -> dict:
-        return {"model": self.name, "waiting": self.batcher.waiting, "running": self.batcher.running}
+        stats = self.batcher.stats
+        return {"model": self.name, "waiting": self.batcher.waiting, "running": self.batcher.running,
+                "requests": {k: stats[k] for k in ("finished", "cancelled", "timed_out", "failed")}}
 
     async def models(self) -> list[dict]:
         # max_model_len: vLLM's field for the context size; the page trims the conversation to fit it.
