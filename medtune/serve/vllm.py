@@ -46,6 +46,12 @@ def vllm_args(model: str | Path, name: str | None = None, max_model_len: int | N
     return args
 
 
+def _quote(arg: str) -> str:
+    """shlex.quote, but double quotes around text with single quotes (the chat template) when that is safe: the
+    template then reads as it is."""
+    return f'"{arg}"' if "'" in arg and not set('"$`\\!') & set(arg) else shlex.quote(arg)
+
+
 def vllm_instructions(model: str | Path, name: str | None = None, max_model_len: int | None = None,
                       port: int = 8000) -> str:
     """The vLLM command and the medtune-serve command that puts the page, triage and keys in front of it."""
@@ -53,7 +59,7 @@ def vllm_instructions(model: str | Path, name: str | None = None, max_model_len:
     return "\n".join([
         "# On the GPU machine (vLLM reads its API key from VLLM_API_KEY; bind it to a network only medtune can reach):",
         "export VLLM_API_KEY=<a long random key>",
-        shlex.join(vllm_args(model, name, max_model_len, port)),
+        " ".join(map(_quote, vllm_args(model, name, max_model_len, port))),
         "# In front of it, the page, the emergency triage and your users' keys:",
         f"MEDTUNE_UPSTREAM_API_KEY=$VLLM_API_KEY medtune-serve --upstream http://<gpu-machine>:{port}/v1 "
         f"--upstream-model {shlex.quote(name)}",
