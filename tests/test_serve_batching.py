@@ -170,8 +170,10 @@ def test_decode_batch_runs_a_lora_adapter_on_its_base(tiny_model_dir, tmp_path):
     from medtune.inference import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).save_pretrained(tmp_path)
+    lora = LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)  # random, not a no-op
+    get_peft_model(base, lora).save_pretrained(tmp_path)
     load_tokenizer(tiny_model_dir).save_pretrained(tmp_path)
     model, tok = load_model(tmp_path, device="cpu")  # an adapter folder, as medtune-serve --model loads it
     (tokens,) = decode(model, tok, PROMPTS[:1], 8)
-    assert tok.decode(tokens, skip_special_tokens=True).strip() == generate(model, tok, PROMPTS[:1], max_new_tokens=8)[0]
+    expected = generate(model, tok, PROMPTS[:1], max_new_tokens=8)[0]
+    assert tok.decode(tokens, skip_special_tokens=True).strip() == expected

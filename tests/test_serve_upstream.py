@@ -104,8 +104,8 @@ def test_print_vllm_command_for_merged_model_and_adapter(tiny_model_dir, tmp_pat
 
     adapter = tmp_path / "adjusted_model"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "berkeley-nest/Starling-LM-7B-alpha",
-                                                             "r": 12, "peft_type": "LORA"}))
+    config = {"base_model_name_or_path": "berkeley-nest/Starling-LM-7B-alpha", "r": 12, "peft_type": "LORA"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
     cli.main(["--model", str(adapter), "--print-vllm-command"])
     args = shlex.split(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("vllm serve")))
     assert args[:3] == ["vllm", "serve", "berkeley-nest/Starling-LM-7B-alpha"] and "--enable-lora" in args

@@ -42,7 +42,8 @@ class Job:
 
     def __init__(self, prompt: list[int], max_tokens: int, sampling: Sampling, stop: tuple[str, ...] = (),
                  deadline: float = math.inf):
-        self.prompt, self.max_tokens, self.sampling, self.stop, self.deadline = prompt, max_tokens, sampling, stop, deadline
+        self.prompt, self.max_tokens, self.sampling, self.stop = prompt, max_tokens, sampling, stop
+        self.deadline = deadline
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()  # unbounded: the generation thread must never block on it
         self.completion_tokens = 0
@@ -96,7 +97,7 @@ class Batcher:
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
-        """Stop generating for `job` (a no-op once it is done): it leaves the queue now, or its batch at the next step."""
+        """Stop generating for `job` (no-op once it is done): it leaves the queue now, or its batch at the next step."""
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)

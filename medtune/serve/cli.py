@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument("--max-batch-size", type=int, default=8,
                       help="requests generated together (default: %(default)s; 1 = one at a time)")
     load.add_argument("--max-queue", type=int, default=64,
-                      help="requests waiting beyond that (with --upstream: in flight) before 503 (default: %(default)s)")
+                      help="requests waiting, beyond which 503 (with --upstream: in flight) (default: %(default)s)")
     load.add_argument("--request-timeout", type=float, default=300.0,
                       help="seconds from arrival to the last token (default: %(default)s)")
     access = p.add_argument_group("access")

@@ -13,7 +13,6 @@ from medtune.serve.errors import APIError, timeout_error
 from medtune.serve.protocol import ChatParams, chunk, completion_body, sse, usage
 
 
-
 class LocalBackend:
     def __init__(self, model, tok, name: str = "medtune", max_batch_size: int = 8, max_queue: int = 64,
                  max_model_len: int | None = None):
@@ -99,7 +98,8 @@ class LocalBackend:
                         yield chunk(meta, None, usage=usage(value.prompt_tokens, value.completion_tokens))
                     yield sse("[DONE]")
                 else:  # headers are sent: the error goes in the stream, and no [DONE] follows
-                    yield sse(timeout_error().body() if kind == "timeout" else APIError(500, value, type="server_error").body())
+                    error = timeout_error() if kind == "timeout" else APIError(500, value, type="server_error")
+                    yield sse(error.body())
                 return
         finally:  # also on client disconnect (Starlette cancels the stream): the batcher drops the row
             self.batcher.cancel(job)

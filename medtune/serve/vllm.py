@@ -34,7 +34,8 @@ def vllm_args(model: str | Path, name: str | None = None, max_model_len: int | N
         rank = int(config["r"])
         max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
         if max_rank is None:
-            raise ValueError(f"{path / ADAPTER_CONFIG}: LoRA rank r={rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]})")
+            raise ValueError(f"{path / ADAPTER_CONFIG}: LoRA rank r={rank} is above vLLM's largest, "
+                             f"{VLLM_LORA_RANKS[-1]}")
         lora = f"{name}={path}" if not set(",=") & set(str(path)) else json.dumps({"name": name, "path": str(path)})
         args = ["vllm", "serve", config["base_model_name_or_path"], "--enable-lora", "--lora-modules", lora,
                 "--max-lora-rank", str(max_rank), "--tokenizer", str(path)]
