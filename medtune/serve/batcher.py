@@ -2,8 +2,9 @@
 
 Requests wait in a queue (at most `max_queue`); when the thread starts a batch, every waiting request joins it, up to
 `max_batch_size`. Each step gives every row its next token, which goes straight into that request's own asyncio
-queue: the thread never waits for a client, so a slow or stalled reader holds only its own (bounded) backlog. A
-request that is cancelled (its client went away) or past its deadline leaves the batch at the next step.
+queue (one hand-over to the event loop per step, for all rows): the thread never waits for a client, so a slow or
+stalled reader holds only its own (bounded) backlog. A request that is cancelled (its client went away) or past its
+deadline leaves the batch at the next step.
 """
 
 from __future__ import annotations
@@ -50,11 +51,10 @@ class Job:
         self.cancelled = False
         self.done = False
 
-    def emit(self, kind: str, value=None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
 
 
 class Batcher:
@@ -67,6 +67,7 @@ class Batcher:
         self.stats = dict(batches=0, largest_batch=0, finished=0, cancelled=0, timed_out=0, failed=0, tokens=0)
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
+        self._outbox: list[tuple[Job, tuple]] = []  # events of this step, handed over together
         self._cond = threading.Condition()
         self._closing = False
         self._last_batch_s = 1.0
@@ -120,9 +121,11 @@ class Batcher:
             except Exception as e:  # a failed batch fails its requests, never the server
                 log.exception("generation failed")
                 self._end([j for j in jobs if not j.done], "failed", ("error", f"generation failed: {e}"))
+            self._flush()
             self._last_batch_s = time.monotonic() - started
         self._end([j for j in [*self._active, *self._waiting] if not j.done], "failed",
                   ("error", "the server is shutting down"))
+        self._flush()
 
     def _run(self, jobs: list[Job]) -> None:
         self._end([j for j in jobs if j.cancelled and not j.done], "cancelled")
@@ -137,6 +140,7 @@ class Batcher:
             tokens = batch.sample()
             self.stats["tokens"] += len(tokens)
             keep = [self._feed(jobs[r], replies[r], t) for r, t in zip(batch.rows, tokens)]
+            self._flush()  # the clients get this step's tokens while the next one is computed
             batch.advance(tokens, keep)
 
     def _feed(self, job: Job, reply: ReplyText, token: int) -> bool:
@@ -150,14 +154,14 @@ class Batcher:
             return self._finish(job, reply, "stop")
         text, stopped = reply.add(token)
         if text:
-            job.emit("text", text)
+            self._outbox.append((job, ("text", text)))
         if stopped or job.completion_tokens >= job.max_tokens:
             return self._finish(job, reply, "stop" if stopped else "length")
         return True
 
     def _finish(self, job: Job, reply: ReplyText, reason: str) -> bool:
         if held := reply.flush():
-            job.emit("text", held)
+            self._outbox.append((job, ("text", held)))
         return self._end([job], "finished", ("finish", Finish(reason, len(job.prompt), job.completion_tokens)))
 
     def _end(self, jobs: list[Job], outcome: str, event: tuple | None = None) -> bool:
@@ -165,5 +169,17 @@ class Batcher:
             job.done = True
             self.stats[outcome] += 1
             if event:
-                job.emit(*event)
+                self._outbox.append((job, event))
         return False
+
+    def _flush(self) -> None:
+        """Hand this step's events to the event loops of their requests: one call per loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, event in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job.events, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass

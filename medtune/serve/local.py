@@ -86,20 +86,28 @@ class LocalBackend:
             yield chunk(meta, {"role": "assistant", "content": ""}, triage=triage)
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(job.events.get(), job.deadline - time.monotonic())
+                    events = [await asyncio.wait_for(job.events.get(), job.deadline - time.monotonic())]
                 except TimeoutError:  # still queued, or the batcher has not reached its next step yet
-                    kind, value = "timeout", None
-                if kind == "text":
-                    yield chunk(meta, {"content": value})
-                    continue
-                if kind == "finish":
-                    yield chunk(meta, {}, value.reason)
-                    if include_usage:
-                        yield chunk(meta, None, usage=usage(value.prompt_tokens, value.completion_tokens))
-                    yield sse("[DONE]")
-                else:  # headers are sent: the error goes in the stream, and no [DONE] follows
-                    error = timeout_error() if kind == "timeout" else APIError(500, value, type="server_error")
-                    yield sse(error.body())
-                return
+                    events = [("timeout", None)]
+                while not job.events.empty():  # what else has arrived: one write for a client that lags behind
+                    events.append(job.events.get_nowait())
+                out, ended = [], False
+                for kind, value in events:
+                    if kind == "text":
+                        out.append(chunk(meta, {"content": value}))
+                        continue
+                    if kind == "finish":
+                        out.append(chunk(meta, {}, value.reason))
+                        if include_usage:
+                            out.append(chunk(meta, None, usage=usage(value.prompt_tokens, value.completion_tokens)))
+                        out.append(sse("[DONE]"))
+                    else:  # headers are sent: the error goes in the stream, and no [DONE] follows
+                        error = timeout_error() if kind == "timeout" else APIError(500, value, type="server_error")
+                        out.append(sse(error.body()))
+                    ended = True
+                    break
+                yield "".join(out)
+                if ended:
+                    return
         finally:  # also on client disconnect (Starlette cancels the stream): the batcher drops the row
             self.batcher.cancel(job)
