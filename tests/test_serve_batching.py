@@ -1,7 +1,9 @@
 """Dynamic batching in medtune-serve: same greedy replies as one at a time, slow readers, disconnects, limits."""
 
 import json
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -177,3 +179,16 @@ def test_decode_batch_runs_a_lora_adapter_on_its_base(tiny_model_dir, tmp_path):
     (tokens,) = decode(model, tok, PROMPTS[:1], 8)
     expected = generate(model, tok, PROMPTS[:1], max_new_tokens=8)[0]
     assert tok.decode(tokens, skip_special_tokens=True).strip() == expected
+
+
+@pytest.mark.slow
+def test_serve_load_benchmark_code_path(tmp_path):
+    """bench/serve_load.py at tiny sizes: both servers, both sides, the comparison of replies (no timing)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import serve_load
+
+    out = tmp_path / "serve_load.json"
+    result = serve_load.main(["--clients", "2", "--requests", "3", "--max-tokens", "2", "--repeats", "1",
+                              "--stream", "--json", str(out)])
+    assert [r["side"] for r in result["rows"]] == ["batched", "one_at_a_time"]
+    assert result["identical_replies"] and json.loads(out.read_text())["rows"][1]["ratio"] == 1.0
