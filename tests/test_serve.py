@@ -1,6 +1,7 @@
 """The OpenAI-compatible API on a real uvicorn server, driven by the official `openai` client and raw HTTP."""
 
 import json
+import socket
 
 import httpx
 import openai
@@ -223,3 +224,28 @@ def test_default_system_prompt_only_when_missing(model_and_tok):
     assert DEFAULT_SYSTEM_PROMPT in tok.decode(build_prompt(tok, ASK, DEFAULT_SYSTEM_PROMPT))
     own = [{"role": "system", "content": "Be brief."}] + ASK
     assert DEFAULT_SYSTEM_PROMPT not in tok.decode(build_prompt(tok, own, DEFAULT_SYSTEM_PROMPT))
+
+
+def test_cors_only_for_listed_origins(model_and_tok):
+    settings = ServerSettings(default_max_tokens=8, limits=LIMITS, api_key=KEY, cors_origins=("https://app.example",))
+    with local_server(model_and_tok, settings) as s:
+        def preflight(origin):
+            return httpx.options(s.url + CHAT, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                                        "Access-Control-Request-Headers": "authorization,content-type"})
+
+        allowed = preflight("https://app.example")  # answered before the key is asked for: preflights carry none
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
+        assert "access-control-allow-origin" not in preflight("https://evil.example").headers
+
+
+def test_allowed_host_names():
+    from medtune.serve.security import allowed_hosts, host_name
+
+    assert allowed_hosts("127.0.0.1") == {"localhost", "127.0.0.1", "::1"}
+    assert allowed_hosts("10.1.2.3", ["Chat.Example.org"]) == {"localhost", "127.0.0.1", "::1", "10.1.2.3",
+                                                              "chat.example.org"}
+    everywhere = allowed_hosts("0.0.0.0")
+    assert {"localhost", socket.gethostname().lower()} <= everywhere and "0.0.0.0" not in everywhere
+    assert allowed_hosts("0.0.0.0", ["*"]) is None
+    assert [host_name(h) for h in ("example.org:8000", "[::1]:8000", "::1", "EXAMPLE.org")] == [
+        "example.org", "::1", "::1", "example.org"]
