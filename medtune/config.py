@@ -78,7 +78,7 @@ class DataArguments:
 
 @dataclass
 class MonitoringArguments:
-    """Weights & Biases and throughput settings (see medtune/monitoring.py)."""
+    """Weights & Biases and throughput settings (see medtune/monitoring/)."""
 
     wandb_project: str | None = field(
         default=None, metadata={"help": "W&B project; default $WANDB_PROJECT, else 'medtune'."}
