@@ -201,10 +201,7 @@ def parse_recipe(argv: list[str] | None = None) -> Recipe:
 
 
 def recipe_from_command_line(argv: list[str] | None = None) -> Recipe:
-    """For command-line entry points: log to the console, parse the recipe, or exit with its one-line error."""
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """For command-line entry points: the parsed recipe, or exit with its one-line error."""
     try:
         return parse_recipe(argv)
     except ConfigError as err:

@@ -17,7 +17,7 @@ from trl import ModelConfig, SFTConfig
 from conftest import ROOT, free_port
 from medtune import monitoring
 from medtune.config import DataArguments, MonitoringArguments, Recipe
-from medtune.monitoring import FlopModel, RankLogFilter, ThroughputCallback, batch_counts, peak_flops
+from medtune.monitoring import FlopModel, ThroughputCallback, batch_counts, peak_flops
 
 PAD = 31
 TINY = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -159,17 +159,6 @@ def test_no_mfu_without_known_peak(tmp_path):
     assert "mfu" not in logs[0] and logs[0]["tokens_per_second"] > 0
 
 
-def test_rank_filter_drops_info_and_prefixes_warnings():
-    def record(level):
-        return logging.LogRecord("x", level, __file__, 1, "hello", None, None)
-
-    assert RankLogFilter(0).filter(record(logging.INFO))
-    assert not RankLogFilter(1).filter(record(logging.INFO))
-    warning = record(logging.WARNING)
-    assert RankLogFilter(1).filter(warning) and RankLogFilter(1).filter(warning)
-    assert warning.getMessage() == "[rank 1] hello"
-
-
 def make_recipe(tmp_path, report_to="wandb", resume=False, **monitoring_args) -> Recipe:
     training = SFTConfig(output_dir=str(tmp_path / "out"), report_to=report_to, max_length=64, bf16=False)
     return Recipe(DataArguments(resume=resume), ModelConfig(), training, MonitoringArguments(**monitoring_args))
@@ -245,8 +234,9 @@ RUN = ["--max_steps", "6", "--logging_steps", "2", "--eval_steps", "3", "--save_
        "--save_steps", "3", "--sample_prompt", "", "--peak_tflops", "1"]
 
 
-def launch(args: list[str], tmp_path, processes: int = 1, **env) -> str:
-    """Run launch/train.py (under `accelerate launch` for several CPU processes); returns its output."""
+def launch_machines(args: list[str], tmp_path, processes: int = 1, machines: int = 1, **env) -> list[str]:
+    """Run launch/train.py (under `accelerate launch` for several CPU processes, one launcher per machine, all on
+    this host); returns the output of each machine."""
     import subprocess
     import sys
 
@@ -255,15 +245,23 @@ def launch(args: list[str], tmp_path, processes: int = 1, **env) -> str:
            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-home"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-home"),
            "WANDB_DATA_DIR": str(tmp_path / "wandb-home"), "OMP_NUM_THREADS": "1", **env}
     if processes > 1:  # `--cpu` would start a single process: torchrun-style launch + a CPU Trainer instead
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "launch/train.py", *args, "--use_cpu", "true"]
+        port = free_port()
+        cmds = [[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                 "--num_machines", str(machines), "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                 "launch/train.py", *args, "--use_cpu", "true"] for rank in range(machines)]
     else:
-        cmd = [sys.executable, "launch/train.py", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    return output
+        cmds = [[sys.executable, "launch/train.py", *args]]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in cmds]
+    outputs = [proc.communicate(timeout=900)[0] for proc in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-4000:]
+    return outputs
+
+
+def launch(args: list[str], tmp_path, processes: int = 1, **env) -> str:
+    return "".join(launch_machines(args, tmp_path, processes, **env))
 
 
 def run_dirs(tmp_path):
@@ -307,9 +305,10 @@ def test_two_process_run_logs_one_wandb_run_with_throughput_metrics(tiny_args, t
     assert (out / "checkpoint-3" / "wandb_run_id.txt").read_text() == run_id
     assert json.loads((out / "run_info.json").read_text())["hardware"]["world_size"] == 2
 
-    # Non-main ranks print warnings only, marked with their rank.
+    # Non-main ranks print warnings only, marked with their rank; the metric lines are printed once.
     assert not [line for line in output.splitlines() if "[rank 1]" in line and " INFO " in line]
     assert output.count("W&B run ") == 1
+    assert output.count("{'loss': ") == 3 and output.count("{'eval_loss': ") == 2
 
     # The report of the output_dir plots exactly the logged losses (compared with the checkpoint's trainer state).
     report_main(["--run", str(out)])
@@ -320,6 +319,23 @@ def test_two_process_run_logs_one_wandb_run_with_throughput_metrics(tiny_args, t
     assert plotted["loss"] == ([r["step"] for r in losses], [r["loss"] for r in losses])
     assert plotted["eval_loss"][1] == [r["eval_loss"] for r in logged if "eval_loss" in r]
     assert plotted["tokens_per_second"][1] == [r["tokens_per_second"] for r in train]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("disable_tqdm", ["false", "true"])
+def test_two_node_run_prints_metrics_and_answer_once(tiny_args, tmp_path, disable_tqdm):
+    """Two machines with one process each, so that every rank is its node's local rank 0: only global rank 0
+    prints the metric lines, the progress bar and the sample answer; rank 1 prints warnings only, marked."""
+    args = [*tiny_args, *RUN, "--max_steps", "4", "--eval_strategy", "no", "--save_strategy", "no",
+            "--report_to", "none", "--sample_prompt", "I have a cough.", "--disable_tqdm", disable_tqdm]
+    node0, node1 = launch_machines(args, tmp_path, processes=2, machines=2)
+    assert node0.count("{'loss': ") == 2 and node0.count("'train_runtime': ") == 1
+    assert node0.count("model answer: ") == 1 and node0.count("adapter saved to: ") == 1
+    assert ("| 4/4 [" in node0) == (disable_tqdm == "false")  # the training progress bar
+    for shown_on_rank_0 in ("{'", "model answer", "it/s]", " INFO "):  # metrics, answer, any progress bar, info
+        assert shown_on_rank_0 not in node1, shown_on_rank_0
+    rank1 = [line for line in node1.splitlines() if line.startswith("[rank 1] ")]
+    assert rank1 and all(" WARNING " in line or " ERROR " in line for line in rank1)
 
 
 @pytest.mark.slow

@@ -1,48 +1,37 @@
-"""Console logging per rank: rank 0 as usual, other ranks warnings only, marked with their rank."""
+"""Console logging of a training process, set up once by the entry point (alignment-handbook's pattern)."""
 
 from __future__ import annotations
 
 import logging
-import os
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class RankLogFilter(logging.Filter):
-    """On ranks other than 0: drop records below WARNING and prefix the rest with [rank N]."""
+def setup_logging(args) -> None:
+    """Global rank 0 logs at INFO and shows the progress bar and the Trainer's metric lines; every other rank logs
+    warnings and errors only (`log_level_replica`), each line prefixed with [rank N], and no progress bars.
 
-    def __init__(self, rank: int):
-        super().__init__()
-        self.rank = rank
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.rank == 0:
-            return True
-        if record.levelno < logging.WARNING:
-            return False
-        if not getattr(record, "rank_prefixed", False):
-            record.msg, record.rank_prefixed = f"[rank {self.rank}] {record.msg}", True
-        return True
-
-
-def setup_rank_logging(recipe) -> None:
-    """Rank 0 logs as usual; other ranks print warnings only, marked with their rank, and no progress bars."""
+    `args` (TrainingArguments) is set to `log_on_each_node=False`, so transformers' `should_log` and
+    `get_process_log_level` single out global rank 0 rather than each node's local rank 0. transformers' and
+    datasets' records go through the root handler, so they carry the rank prefix too.
+    """
     import datasets
     import transformers
 
-    rank = int(os.environ.get("RANK", "0"))
+    args.log_on_each_node = False
+    main = args.should_log
+    library_level = args.get_process_log_level()  # rank 0: log_level (passive: the libraries' own); else replica
+    prefix = "" if main else f"[rank {args.process_index}] "
+    logging.basicConfig(format=prefix + FORMAT, datefmt="%H:%M:%S", level=logging.INFO if main else library_level)
     logging.captureWarnings(True)
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-    transformers.utils.logging.enable_default_handler()
-    handlers = root.handlers + logging.getLogger("transformers").handlers
-    for handler in handlers:
-        if not any(isinstance(f, RankLogFilter) for f in handler.filters):
-            handler.addFilter(RankLogFilter(rank))
-    if rank != 0:
-        recipe.training.disable_tqdm = True
-        recipe.training.log_level_replica = "warning"
+    for library in (transformers.utils.logging, datasets.utils.logging):
+        library.set_verbosity(library_level)
+        library.enable_propagation()
+    transformers.utils.logging.disable_default_handler()
+    logging.getLogger("datasets").handlers.clear()  # its own handler besides propagation would print twice
+    if not main:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
+        # With disable_tqdm the Trainer prints metrics through PrinterCallback, which prints on every node's local
+        # rank 0 (measured: a 2-node run printed each metric line twice); ProgressCallback shows nothing off rank 0.
+        args.disable_tqdm = False

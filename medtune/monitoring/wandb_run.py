@@ -160,9 +160,8 @@ def configure_wandb(recipe, resume_checkpoint: str | os.PathLike | None = None) 
         training.run_name = monitoring.wandb_name  # WandbCallback passes run_name as the run's name
     if not os.environ.get("WANDB_MODE") and not _has_credentials():
         os.environ["WANDB_MODE"] = "offline"
-        if int(os.environ.get("RANK", "0")) == 0:
-            logger.info("W&B: no API key or login found, logging offline; upload later with: wandb sync %s",
-                        Path(os.environ["WANDB_DIR"]) / "wandb" / "offline-run-*")
+        logger.info("W&B: no API key or login found, logging offline; upload later with: wandb sync %s",
+                    Path(os.environ["WANDB_DIR"]) / "wandb" / "offline-run-*")
     if recipe.data.resume and not os.environ.get("WANDB_RUN_ID"):
         stored = Path(resume_checkpoint or "") / RUN_ID_FILE
         run_id = stored.read_text().strip() if resume_checkpoint and stored.is_file() else None
