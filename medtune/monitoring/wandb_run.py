@@ -85,6 +85,11 @@ class RunCallback(WandbCallback):
         self._wandb = None  # later Trainer.log calls (e.g. a final evaluate) must not reach a finished run
 
     def _log_adapter(self, model, processing_class) -> None:
+        # Not transformers' WANDB_LOG_MODEL=end: it uploads the adapter (offline too) on one process and under DDP,
+        # but saves through a second Trainer built on rank 0, which under DeepSpeed shares the engine's state and
+        # fails (ZeRO-2, transformers 5.24: "'MistralForCausalLM' object has no attribute 'save_checkpoint'"), so
+        # nothing is uploaded; it also logs an architecture-only artifact at start. `checkpoint` uploads every
+        # checkpoint folder, optimizer state included.
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         if is_deepspeed_zero3_enabled():  # parameters are sharded; the saved checkpoint has the gathered adapter
