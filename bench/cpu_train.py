@@ -42,29 +42,29 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 class CountingCollator:
     """Wraps a collator to record, per micro-batch: real tokens, original samples, token slots and the sum of
-    squared sample lengths (for attention FLOPs)."""
+    squared sample lengths (for attention FLOPs), counted as the training log counts them."""
 
     def __init__(self, inner):
         self.inner = inner
         self.batches: list[tuple[int, int, int, int]] = []
 
     def __call__(self, features):
-        import torch
+        from medtune.monitoring import batch_counts
 
         batch = self.inner(features)
         ids = batch["input_ids"]
-        if "attention_mask" in batch:  # padded: each row is one sample
-            lengths = batch["attention_mask"].sum(dim=1)
-        else:  # padding-free: one flattened row, position_ids restart at 0 for every sample
-            starts = torch.nonzero(batch["position_ids"][0] == 0).flatten().tolist() + [ids.shape[1]]
-            lengths = torch.tensor(starts).diff()
-        self.batches.append((int(lengths.sum()), len(lengths), ids.numel(), int((lengths**2).sum())))
+        real, samples, squares = batch_counts(ids, batch.get("attention_mask"), batch.get("position_ids")).tolist()
+        self.batches.append((int(real), int(samples), ids.numel(), int(squares)))
         return batch
 
 
 def timed_train(trainer, warmup: int) -> dict:
+    """Train, timing the steps after `warmup`: throughput and the model FLOP/s of medtune's FLOP model (MFU is that
+    over the device's peak)."""
     import torch
     from transformers import TrainerCallback
+
+    from medtune.monitoring import FlopModel
 
     ends: list[float] = []
 
@@ -83,8 +83,8 @@ def timed_train(trainer, warmup: int) -> dict:
     seconds = ends[-1] - ends[warmup - 1]
     real, samples, slots, squares = (sum(b[i] for b in timed) for i in range(4))
     return {"step_s": seconds / len(timed), "samples_per_s": samples / seconds, "real_tokens_per_s": real / seconds,
-            "slot_efficiency": real / slots, "steps": len(ends), "timed_tokens": real, "timed_len_sq": squares,
-            "timed_seconds": seconds}
+            "slot_efficiency": real / slots, "steps": len(ends),
+            "model_flops_per_s": FlopModel.from_model(trainer.model).batch(real, squares) / seconds}
 
 
 def _gloo() -> bool:

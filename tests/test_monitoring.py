@@ -44,18 +44,29 @@ def expected_counts(config: dict, r: int = 4) -> tuple[int, int]:
 
 def test_flop_formula_by_hand():
     flops = FlopModel(n_base=1000, n_lora=10, n_layers=2, hidden=8)
-    assert flops.per_token(seq_len=5) == 4 * 1000 + 6 * 10 + 12 * 2 * 8 * 5
-    recompute = FlopModel(n_base=1000, n_lora=10, n_layers=2, hidden=8, recompute=True)
-    assert recompute.per_token(5) == flops.per_token(5) + 2 * 1000 + 2 * 10 + 4 * 2 * 8 * 5
+    assert flops.batch(tokens=5, sum_sq_lengths=5**2) == 5 * (4 * 1000 + 6 * 10 + 12 * 2 * 8 * 5)
     # Two samples of lengths 3 and 5: every token pays for attention over its own sample only.
-    assert flops.batch(tokens=8, sum_sq_lengths=3**2 + 5**2) == 3 * flops.per_token(3) + 5 * flops.per_token(5)
+    assert flops.batch(tokens=8, sum_sq_lengths=3**2 + 5**2) == flops.batch(3, 3**2) + flops.batch(5, 5**2)
 
 
 def test_flop_model_counts_base_and_lora_parameters():
     model = lora_model()
-    flops = FlopModel.from_model(model, recompute=True)
+    flops = FlopModel.from_model(model)
     assert (flops.n_base, flops.n_lora) == expected_counts(TINY)
-    assert (flops.n_layers, flops.hidden, flops.recompute) == (2, 16, True)
+    assert (flops.n_layers, flops.hidden) == (2, 16)
+
+
+def test_flop_model_of_starling_7b():
+    """Starling-LM-7B-alpha's shape (on the meta device): every linear weight incl. lm_head, plus the norms."""
+    from medtune.tiny import STARLING_CONFIG
+
+    with torch.device("meta"):
+        model = MistralForCausalLM(MistralConfig(**STARLING_CONFIG))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    norms = (2 * STARLING_CONFIG["num_hidden_layers"] + 1) * STARLING_CONFIG["hidden_size"]
+    flops = FlopModel.from_model(model.requires_grad_(False))
+    assert (flops.n_base, flops.n_lora) == (linear + norms, 0)
+    assert 7.0e9 < linear < 7.2e9
 
 
 def test_flop_model_counts_4bit_weights_at_full_size(tmp_path):
@@ -70,7 +81,7 @@ def test_flop_model_counts_4bit_weights_at_full_size(tmp_path):
     model = get_peft_model(prepare_model_for_kbit_training(base, use_gradient_checkpointing=False),
                            LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
     assert any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
-    flops = FlopModel.from_model(model, recompute=False)
+    flops = FlopModel.from_model(model)
     assert (flops.n_base, flops.n_lora) == expected_counts(config)
 
 
@@ -141,8 +152,7 @@ def test_throughput_callback_metrics(tmp_path):
         assert log["tokens_per_second_per_device"] == log["tokens_per_second"]  # one process
         assert log["packing_efficiency"] == pytest.approx(12 / 16)
         assert 0 < log["mfu"] < 1
-        recompute = args.activation_checkpointing  # TRL turns it on by default
-        flops = FlopModel.from_model(model, recompute=recompute).batch(2 * 12, 2 * (9 + 16 + 25))
+        flops = FlopModel.from_model(model).batch(2 * 12, 2 * (9 + 16 + 25))
         assert log["mfu"] == pytest.approx(flops / (2 * log["step_time"] * 1e12))
         assert log["memory_peak_gb"] >= log["memory_gb"] > 0
         assert log["step_time"] > 0 and log["eta_seconds"] >= 0

@@ -43,20 +43,23 @@ def peak_flops(device_name: str | None, peak_tflops: float | None = None) -> flo
 
 @dataclasses.dataclass
 class FlopModel:
-    """Training FLOPs of LoRA on a frozen (e.g. 4-bit) base, counted as matmul FLOPs (2 per multiply-add).
+    """The one FLOP model behind every MFU medtune reports (training log, bench/gpu_train.py).
 
-    Per real token of a sample of length s:
+    Training FLOPs of LoRA on a frozen (e.g. 4-bit) base, counted as matmul FLOPs (2 per multiply-add), per real
+    (non-padding) token of a sample of length s:
         base weights (frozen):   forward 2*N_base + backward w.r.t. activations 2*N_base = 4*N_base
                                  (no weight gradients, so not the usual 6*N);
         LoRA weights (trained):  forward 2*N_lora + backward activations 2*N_lora + weight gradients 2*N_lora
                                  = 6*N_lora;
         attention (QK^T, AV):    forward 4*n_layers*hidden*s, backward 8*n_layers*hidden*s = 12*n_layers*hidden*s
                                  (PaLM convention: the causal mask is not halved out; s is the sample's own length,
-                                 as packed samples do not attend across each other);
-        gradient checkpointing:  the forward is run again: + 2*N_base + 2*N_lora + 4*n_layers*hidden*s.
-    N_base counts every frozen matmul weight at its unquantized size (4-bit weights are dequantized for the matmul)
-    and excludes the input embedding (a lookup, not a matmul); N_lora counts the adapter weights.
-    Summed over the tokens of a batch, the attention term becomes 12*n_layers*hidden*sum(s_i^2) over its samples.
+                                 as packed samples do not attend across each other).
+    N_base counts every frozen matmul weight (lm_head included) at its unquantized size (4-bit weights are
+    dequantized for the matmul) and excludes the input embedding (a lookup, not a matmul); N_lora counts the adapter
+    weights. Summed over the tokens of a batch, the attention term becomes 12*n_layers*hidden*sum(s_i^2).
+    Not counted: the forward that gradient checkpointing runs again (MFU counts the model's FLOPs, not the
+    hardware's, as PaLM defines it, so turning checkpointing off shows up as a higher MFU), padding, and
+    elementwise work (norms, activations, softmax, loss).
     MFU = these FLOPs / (elapsed seconds * devices * peak FLOP/s of one device).
     """
 
@@ -64,21 +67,13 @@ class FlopModel:
     n_lora: int
     n_layers: int
     hidden: int
-    recompute: bool = False
 
     def batch(self, tokens: float, sum_sq_lengths: float) -> float:
         """FLOPs to train on `tokens` real tokens whose samples' squared lengths sum to `sum_sq_lengths`."""
-        dense, attention = 4 * self.n_base + 6 * self.n_lora, 12 * self.n_layers * self.hidden
-        if self.recompute:
-            dense, attention = dense + 2 * self.n_base + 2 * self.n_lora, attention + 4 * self.n_layers * self.hidden
-        return dense * tokens + attention * sum_sq_lengths
-
-    def per_token(self, seq_len: int) -> float:
-        """FLOPs for one token of a sample of `seq_len` tokens."""
-        return self.batch(1, seq_len)
+        return (4 * self.n_base + 6 * self.n_lora) * tokens + 12 * self.n_layers * self.hidden * sum_sq_lengths
 
     @classmethod
-    def from_model(cls, model, recompute: bool) -> FlopModel:
+    def from_model(cls, model) -> FlopModel:
         trainable = total = 0
         for param in model.parameters():
             n = param.numel() or getattr(param, "ds_numel", 0)  # ZeRO-3 leaves empty shards with ds_numel
@@ -90,7 +85,7 @@ class FlopModel:
         embed = model.get_input_embeddings().weight
         tied = getattr(config, "tie_word_embeddings", False)  # then the weight is also the lm_head matmul
         embed_n = 0 if tied else embed.numel() or getattr(embed, "ds_numel", 0)
-        return cls(total - trainable - embed_n, trainable, config.num_hidden_layers, config.hidden_size, recompute)
+        return cls(total - trainable - embed_n, trainable, config.num_hidden_layers, config.hidden_size)
 
 
 def batch_counts(input_ids: torch.Tensor, attention_mask=None, position_ids=None, pad_token_id=None) -> torch.Tensor:

@@ -51,9 +51,8 @@ class ThroughputCallback(TrainerCallback):
         self._device, self._world = dist.device, dist.num_processes
         pad_id = getattr(processing_class, "pad_token_id", None)
         self._slots_per_batch = args.per_device_train_batch_size * (getattr(args, "max_length", None) or 0)
-        recompute = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)
         try:
-            self._flops = FlopModel.from_model(model, recompute=bool(recompute))
+            self._flops = FlopModel.from_model(model)
         except (AttributeError, TypeError) as err:  # a wrapper without config/embeddings: no FLOP count
             logger.warning("MFU not logged: cannot count the model's parameters (%s)", err)
             self._flops = None
