@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
-from medtune.config import ALL_LINEAR, ConfigError, parse_recipe
-
 from conftest import ROOT
+from medtune.arguments import ALL_LINEAR
+from medtune.config import ConfigError, parse_recipe
 
 REFERENCE = ROOT / "configs" / "recipes" / "starling_medtuned.yaml"
 
@@ -73,6 +75,12 @@ def _recipe(tmp_path, **changes):
         ({"use_peft": False}, [], r"quantized base model can only be trained with LoRA"),
         ({"lora_dropout": 1.5}, [], r"LoRA settings .* dropout in \[0, 1\)"),
         ({"overlong": "squash"}, [], r"overlong"),
+        ({}, ["--per_device_train_batch_size", "0"], r"^per_device_train_batch_size=0: use 1 or more$"),
+        ({"gradient_accumulation_steps": 0}, [], r"^gradient_accumulation_steps=0: use 1 or more$"),
+        ({"eval_split": "train"}, [], r"^eval_split='train' is also train_split: .* eval_split: none$"),
+        ({}, ["--max_train_samples", "-5"], r"^max_train_samples=-5: use at least 1"),
+        ({"max_eval_samples": -1}, [], r"^max_eval_samples=-1: use 0 or more"),
+        ({"env": ["A=1"]}, [], r"`env` field should be a dict"),
     ],
 )
 def test_bad_recipes_fail_with_the_key_and_the_fix(tmp_path, changes, argv, expected):
@@ -89,15 +97,46 @@ def test_missing_and_malformed_recipe_files(tmp_path):
         parse_recipe(["--config", str(bad)])
 
 
-def test_bad_recipe_fails_before_any_model_or_data_is_loaded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("changes, argv, expected", [
+    ({"lora_alpah": 16}, [], "unknown key 'lora_alpah'"),
+    ({}, ["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0"),
+    ({}, ["--eval_split", "train"], "eval_split='train' is also train_split"),
+    ({}, ["--max_eval_samples", "-1"], "max_eval_samples=-1"),
+])
+def test_bad_recipe_fails_before_any_model_or_data_is_loaded(tmp_path, monkeypatch, changes, argv, expected):
     import transformers
 
+    import medtune.data
+
     def forbidden(*args, **kwargs):
-        raise AssertionError("model loading started before the recipe was validated")
+        raise AssertionError("loading started before the recipe was validated")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", forbidden)
+    monkeypatch.setattr(medtune.data, "prepare_dataset", forbidden)
     from medtune.train import main
 
-    with pytest.raises(SystemExit, match="unknown key 'lora_alpah'"):
-        main(_recipe(tmp_path, lora_alpah=16))
+    with pytest.raises(SystemExit, match=expected):
+        main(_recipe(tmp_path, **changes) + argv)
+
+
+@pytest.mark.parametrize("changes, argv", [({}, ["--lora_target_modules", "q_proj"]),
+                                           ({"lora_target_modules": "q_proj"}, []),
+                                           ({"lora_target_modules": ["q_proj"]}, [])])
+def test_one_lora_target_module_is_a_list(tmp_path, changes, argv):
+    """TRL turns a one-item list into a string, which PEFT would match as a regex against the full module path."""
+    assert parse_recipe(_recipe(tmp_path, **changes) + argv).model.lora_target_modules == ["q_proj"]
+
+
+def test_lora_target_modules_keywords_and_regexes_stay_strings(tmp_path):
+    for value in ("all-linear", r".*\.(q|v)_proj"):
+        assert parse_recipe(_recipe(tmp_path, lora_target_modules=value)).model.lora_target_modules == value
+
+
+def test_env_block_is_set_and_replace_unsets_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTUNE_TEST_ENV", "restored after the test")
+    argv = _recipe(tmp_path, env={"MEDTUNE_TEST_ENV": 7}, eval_dataset_name="data/sample/medtuned_sample_eval.jsonl")
+    recipe = parse_recipe(argv, replace={"eval_dataset_name": None, "lora_r": 4})
+    assert os.environ["MEDTUNE_TEST_ENV"] == "7"
+    assert recipe.data.eval_dataset_name is None and recipe.model.lora_r == 4
+    assert parse_recipe(argv + ["--lora_r", "2"], replace={"lora_r": 4}).model.lora_r == 2  # the command line wins

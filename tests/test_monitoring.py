@@ -16,7 +16,7 @@ from trl import ModelConfig, SFTConfig
 
 from conftest import ROOT, free_port
 from medtune import monitoring
-from medtune.config import DataArguments, MonitoringArguments, Recipe
+from medtune.arguments import DataArguments, MonitoringArguments, Recipe
 from medtune.monitoring import FlopModel, ThroughputCallback, batch_counts, peak_flops
 
 PAD = 31
