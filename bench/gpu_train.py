@@ -22,9 +22,9 @@ Reported per side: real (non-padding) tokens/s, step time, MFU, peak GPU memory,
 MFU is the training log's: medtune.monitoring.FlopModel of the side's own model (4N frozen + 6N LoRA + attention
 per real token, no recompute, padding counted as waste) over the step time and the device's peak.
 
-    python bench/gpu_train.py --seq 512 2048
-    python bench/gpu_train.py --seq 2048 --attn flex_attention --medtune-batch 4 --sides baseline medtune
-    python bench/gpu_train.py --model tiny --allow-cpu --seq 128 --steps 3   # code-path check without a GPU
+    python -m bench.gpu_train --seq 512 2048
+    python -m bench.gpu_train --seq 2048 --attn flex_attention --medtune-batch 4 --sides baseline medtune
+    python -m bench.gpu_train --model tiny --allow-cpu --seq 128 --steps 3   # code-path check without a GPU
 """
 
 from __future__ import annotations
@@ -37,11 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repo root on sys.path)
-from _common import ROOT, guarded, interleave, machine, median, print_table, write_json
-
-import synthetic
-from cpu_train import medtune_trainer, timed_train, tutorial_trainer
+from bench import synthetic
+from bench._common import ROOT, guarded, interleave, machine, median, print_table, write_json
+from bench.training import medtune_trainer, timed_train, tutorial_trainer
 
 SIDES = ("baseline", "trl_packed", "medtune")
 

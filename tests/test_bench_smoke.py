@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import cpu_train  # noqa: E402
-import data_pipeline  # noqa: E402
-import gpu_train  # noqa: E402
-import synthetic  # noqa: E402
+from bench import cpu_train, data_pipeline, gpu_train, synthetic
+from bench.training import CountingCollator
 
 
 @pytest.fixture
@@ -84,9 +77,9 @@ def test_cpu_train_benchmark_two_process_ddp(tmp_everything, tiny_model_dir):
 def test_cpu_train_counts_real_tokens_and_samples():
     import torch
 
-    padded = cpu_train.CountingCollator(lambda f: {"input_ids": torch.zeros(2, 8, dtype=torch.long),
+    padded = CountingCollator(lambda f: {"input_ids": torch.zeros(2, 8, dtype=torch.long),
                                                    "attention_mask": torch.tensor([[1] * 3 + [0] * 5, [1] * 8])})
-    packed = cpu_train.CountingCollator(lambda f: {"input_ids": torch.zeros(1, 7, dtype=torch.long),
+    packed = CountingCollator(lambda f: {"input_ids": torch.zeros(1, 7, dtype=torch.long),
                                                    "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1]])})
     padded(None), packed(None)
     assert padded.batches == [(11, 2, 16, 9 + 64)]
