@@ -1,4 +1,5 @@
-"""Recipe parsing: the reference values, overrides, and one clear error per class of bad recipe."""
+"""Recipe parsing: the reference values, overrides, one clear error per class of bad recipe, and every shipped
+recipe, accelerate and DeepSpeed config loading through the library that reads it."""
 
 from __future__ import annotations
 
@@ -140,3 +141,60 @@ def test_env_block_is_set_and_replace_unsets_keys(tmp_path, monkeypatch):
     assert os.environ["MEDTUNE_TEST_ENV"] == "7"
     assert recipe.data.eval_dataset_name is None and recipe.model.lora_r == 4
     assert parse_recipe(argv + ["--lora_r", "2"], replace={"lora_r": 4}).model.lora_r == 2  # the command line wins
+
+
+# ---- Every shipped config loads through the library that reads it ------------------------------------------------
+
+CONFIGS = ROOT / "configs"
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_parses_and_validates(path, tiny_model_dir, monkeypatch):
+    from medtune.config import read_recipe
+
+    monkeypatch.chdir(ROOT)  # recipes name their data relative to the repository root
+    local_model = read_recipe(str(path))["model_name_or_path"].startswith(".")  # the demo model `make demo` builds
+    recipe = parse_recipe(["--config", str(path)],
+                          replace={"model_name_or_path": str(tiny_model_dir)} if local_model else None)
+    assert recipe.path == str(path) and recipe.model.use_peft and recipe.training.output_dir
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_accelerate_config_loads(path):
+    """accelerate's own loader, and every nested key is an option `accelerate launch` copies it to."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import DistributedType
+
+    config = load_config_from_file(str(path))
+    options = {action.dest for action in launch_command_parser()._actions}
+    for key in config.deepspeed_config or {}:
+        assert key in options, key
+    for key in config.fsdp_config or {}:
+        assert (key if key.startswith("fsdp") else f"fsdp_{key}") in options, key
+    if config.distributed_type == DistributedType.DEEPSPEED:
+        assert (ROOT / config.deepspeed_config["deepspeed_config_file"]).is_file()
+    assert config.num_processes >= config.num_machines >= 1
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_every_deepspeed_config_is_valid_once_the_trainer_fills_auto(path):
+    """transformers fills the "auto" values from the reference recipe and the model; DeepSpeed's own config class
+    then validates the result (unknown keys, batch-size arithmetic, ZeRO settings)."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import MistralConfig, MistralForCausalLM
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from medtune.tiny import STARLING_CONFIG
+
+    args = parse_recipe(["--config", str(REFERENCE)]).training
+    with torch.device("meta"):
+        model = MistralForCausalLM(MistralConfig(**STARLING_CONFIG))
+    hf_config = HfTrainerDeepSpeedConfig(str(path))
+    hf_config.trainer_config_process(args)
+    hf_config.trainer_config_finalize(args, model, num_training_steps=100)
+    config = DeepSpeedConfig(hf_config.config)
+    assert config.zero_optimization_stage == int(path.stem.removeprefix("zero")[0])
+    assert config.train_micro_batch_size_per_gpu == args.per_device_train_batch_size
