@@ -163,7 +163,8 @@ def test_throughput_callback_metrics(tmp_path):
 
 
 def test_no_mfu_without_known_peak(tmp_path):
-    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=1, max_length=4, report_to="none", bf16=False)
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=1, max_length=4, report_to="none",
+                     bf16=False)
     batch = {"input_ids": torch.tensor([[1, 2, 3, 4]])}
     logs = drive(ThroughputCallback(), lora_model(), [batch] * 2, args, TrainerState(max_steps=2))
     assert "mfu" not in logs[0] and logs[0]["tokens_per_second"] > 0
