@@ -56,7 +56,8 @@ class FlopModel:
                                  as packed samples do not attend across each other).
     N_base counts every frozen parameter but the input embedding (a lookup, not a matmul): the matmul weights,
     lm_head included, at their unquantized size (4-bit weights are dequantized for the matmul), and the norms' few
-    weights (0.004% of Starling's); N_lora counts the adapter weights. Summed over the tokens of a batch, the attention term becomes 12*n_layers*hidden*sum(s_i^2).
+    weights (0.004% of Starling's); N_lora counts the adapter weights. Summed over the tokens of a batch, the
+    attention term becomes 12*n_layers*hidden*sum(s_i^2).
     Not counted: the forward that gradient checkpointing runs again (MFU counts the model's FLOPs, not the
     hardware's, as PaLM defines it, so turning checkpointing off shows up as a higher MFU), padding, and
     elementwise work (norms, activations, softmax, loss).
