@@ -1,6 +1,6 @@
 """Chat-server throughput under concurrent load: dynamic batching against one request at a time.
 
-    python bench/serve_load.py --clients 16 --requests 64 --max-tokens 32 --repeats 3
+    python -m bench.serve_load --clients 16 --requests 64 --max-tokens 32 --repeats 3
 
 Starts two `medtune-serve` processes on the tiny model, one with `--max-batch-size B` (default 8) and one with
 `--max-batch-size 1`, then runs rounds alternately on each (the order rotates every round; the other server sits
@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from _common import TINY_DIR, interleave, machine, median, print_table, write_json
+from bench._common import TINY_DIR, interleave, machine, median, print_table, write_json
 
 SYMPTOMS = ["a sore throat", "a dry cough", "a headache behind the eyes", "a swollen ankle", "an itchy rash",
             "heartburn after meals", "a blocked nose", "back pain when lifting"]

@@ -62,7 +62,8 @@ def adapter_base(path: str | Path) -> str:
 
 
 def load_tokenizer(path: str | Path, fallback: str | Path | None = None):
-    """Starling tokenizer from `path` (an adapter folder carries one) or else `fallback`; left padding (generation)."""
+    """Starling tokenizer from `path` (an adapter folder carries one) or else `fallback`; left padding for
+    generation."""
     try:
         tok = medtune_model.load_tokenizer(path)
     except (OSError, ValueError):

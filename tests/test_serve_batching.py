@@ -1,9 +1,7 @@
 """Dynamic batching in medtune-serve: same greedy replies as one at a time, slow readers, disconnects, limits."""
 
 import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -184,8 +182,7 @@ def test_decode_batch_runs_a_lora_adapter_on_its_base(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_serve_load_benchmark_code_path(tmp_path):
     """bench/serve_load.py at tiny sizes: both servers, both sides, the comparison of replies (no timing)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import serve_load
+    from bench import serve_load
 
     out = tmp_path / "serve_load.json"
     result = serve_load.main(["--clients", "2", "--requests", "3", "--max-tokens", "2", "--repeats", "1",
