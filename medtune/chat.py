@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from medtune.inference import DEFAULT_SYSTEM_PROMPT, load_model_or_demo, stream, with_system_prompt
+from medtune.serve.triage import triage_text
 
 HELP = "Commands: /reset new conversation, /exit quit, /help this text. Ctrl-C stops a reply."
 DISCLAIMER = ("Not a doctor: answers may be wrong. For emergency symptoms call your local emergency number "
@@ -49,6 +50,9 @@ def chat_loop(model, tok, options: ChatOptions, read: Callable[[str], str] = inp
         if not text:
             continue
         history.append({"role": "user", "content": text})
+        triage = triage_text(text)
+        if triage.level != "none":  # before the model's text, as the web page's banner
+            print(f"[{triage.level.upper()}] {triage.notice}", file=out)
         print("assistant> ", end="", file=out, flush=True)
         pieces = stream(model, tok, with_system_prompt(history, options.system_prompt), options.max_new_tokens,
                         options.temperature, options.top_p)

@@ -28,6 +28,9 @@ from medtune.chat_format import END_OF_TURN, encode_messages
 Messages = Sequence[Mapping[str, str]]
 ADAPTER_CONFIG = "adapter_config.json"
 DEMO_MODEL = ".cache/tiny-starling"
+# Temperatures below this mean greedy decoding: dividing logits by a tiny temperature overflows to inf/nan. vLLM
+# uses the same bound (_SAMPLING_EPS = 1e-5 in vllm/sampling_params.py).
+GREEDY_TEMPERATURE = 1e-5
 DEFAULT_SYSTEM_PROMPT = (
     "You are a careful medical assistant for symptom consultation. Ask for missing details that matter (age, "
     "how long, how severe, other symptoms, medicines, known conditions), explain the likely causes in plain "
@@ -116,18 +119,16 @@ def _generate_kwargs(tok, max_new_tokens: int, temperature: float, top_p: float)
     eot = tok.convert_tokens_to_ids(END_OF_TURN)
     # min_new_tokens=1: a reply that ends before its first token is never useful to the person asking.
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=1, eos_token_id=eot, pad_token_id=tok.pad_token_id)
-    if temperature > 0:
+    if temperature >= GREEDY_TEMPERATURE:
         return dict(kwargs, do_sample=True, temperature=temperature, top_p=top_p)
     # Greedy: neutralise sampling defaults a model's generation_config may carry.
     return dict(kwargs, do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
 def _batch(tok, prompts: list[list[int]], device) -> dict[str, torch.Tensor]:
-    """Left-pad token id lists (generation continues from the right edge)."""
-    width = max(map(len, prompts))
-    ids = [[tok.pad_token_id] * (width - len(p)) + p for p in prompts]
-    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
-    return {"input_ids": torch.tensor(ids, device=device), "attention_mask": torch.tensor(mask, device=device)}
+    """Left-padded token id lists (generation continues from the right edge)."""
+    enc = tok.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
 
 
 def _reply(tok, new_ids: list[int]) -> tuple[str, str, int]:
@@ -156,7 +157,7 @@ def complete(model, tok, conversations: Sequence[Messages], max_new_tokens: int 
 
 def generate(model, tok, conversations: Sequence[Messages], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-    """Reply texts (without `<|end_of_turn|>`) for a batch of conversations; greedy when temperature == 0."""
+    """Reply texts (without `<|end_of_turn|>`) for a batch of conversations; greedy below GREEDY_TEMPERATURE."""
     return [c.text for c in complete(model, tok, conversations, max_new_tokens, temperature, top_p)]
 
 

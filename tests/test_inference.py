@@ -118,6 +118,29 @@ def test_terminal_chat_keeps_history_and_resets(model_and_tok, monkeypatch):
     assert "/reset new conversation" in text  # help printed for the unknown command
 
 
+def test_terminal_chat_flags_emergencies_before_the_reply(model_and_tok):
+    import io
+
+    import medtune.chat as chat
+    from medtune.serve.triage import triage_text
+
+    model, tok = model_and_tok
+    emergency = "My face is drooping on one side and my speech is slurred."
+    lines = iter(["I have a runny nose.", emergency])
+
+    def read(_):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    chat.chat_loop(model, tok, chat.ChatOptions(max_new_tokens=2, temperature=0), read=read, out=out)
+    _, first_reply, second_reply = out.getvalue().split("assistant> ")
+    assert out.getvalue().count("[EMERGENCY]") == 1  # once, right before the emergency message's reply
+    assert first_reply.rstrip().endswith(f"[EMERGENCY] {triage_text(emergency).notice}")
+
+
 def test_terminal_chat_cli_reads_stdin(tiny_model_dir, monkeypatch, capsys):
     import io
 

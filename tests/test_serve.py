@@ -1,44 +1,21 @@
-"""The OpenAI-compatible API on a real uvicorn server, driven by the official `openai` client."""
+"""The OpenAI-compatible API on a real uvicorn server, driven by the official `openai` client and raw HTTP."""
 
 import json
 import socket
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
+from serve_helpers import LIMITS, local_server
 
 from medtune.chat_format import END_OF_TURN, encode_messages
-from medtune.inference import load_model, with_system_prompt
-from medtune.serve.app import DEFAULT_SYSTEM_PROMPT, Limits, ServerSettings, create_app
+from medtune.inference import DEFAULT_SYSTEM_PROMPT, load_model, with_system_prompt
+from medtune.serve.app import ServerSettings
 
-LIMITS = Limits(max_body_bytes=20_000, max_messages=8, max_message_chars=2000, max_tokens=64)
-
-
-class LocalServer:
-    """uvicorn serving `app` on 127.0.0.1 at a free port, in a background thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(600):
-            if self.server.started:
-                return self
-            self.thread.join(0.05)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+KEY = "sk-test-0123456789"
+ASK = [{"role": "user", "content": "I have a sore throat and a mild fever since yesterday."}]
+EMERGENCY = [{"role": "user", "content": "Crushing chest pain spreading to my left arm, and I'm sweating."}]
+CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +25,13 @@ def model_and_tok(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_and_tok):
-    settings = ServerSettings(model_name="tiny-starling", default_max_tokens=8, limits=LIMITS)
-    with LocalServer(create_app(*model_and_tok, settings)) as s:
+    with local_server(model_and_tok) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def keyed(model_and_tok):
+    with local_server(model_and_tok, ServerSettings(default_max_tokens=8, limits=LIMITS, api_key=KEY)) as s:
         yield s
 
 
@@ -58,12 +40,13 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed", max_retries=0, timeout=120)
 
 
-ASK = [{"role": "user", "content": "I have a sore throat and a mild fever since yesterday."}]
-
-
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list()] == ["tiny-starling"]
-    assert httpx.get(server.url + "/health").json() == {"status": "ok", "model": "tiny-starling"}
+    assert client.models.list().data[0].max_model_len == 2048  # the page trims the conversation to this
+    health = httpx.get(server.url + "/health").json()
+    assert {k: health[k] for k in ("status", "model", "waiting", "running")} == {
+        "status": "ok", "model": "tiny-starling", "waiting": 0, "running": 0}
+    assert set(health["requests"]) == {"finished", "cancelled", "timed_out", "failed"}
 
 
 def test_completion(client):
@@ -75,6 +58,8 @@ def test_completion(client):
     assert reply.usage.completion_tokens <= 6 and reply.usage.prompt_tokens > 50  # system prompt included
     again = client.chat.completions.create(model="tiny-starling", messages=ASK, max_tokens=6, temperature=0)
     assert again.choices[0].message.content == choice.message.content  # greedy is deterministic
+    tiny = client.chat.completions.create(model="tiny-starling", messages=ASK, max_tokens=6, temperature=1e-45)
+    assert tiny.choices[0].message.content == choice.message.content  # a temperature below 1e-5 is greedy
 
 
 def test_streaming_matches_non_streaming(client):
@@ -88,9 +73,31 @@ def test_streaming_matches_non_streaming(client):
     assert "".join(pieces) == client.chat.completions.create(**kwargs).choices[0].message.content
 
 
+def test_stop_strings_end_the_reply(client):
+    kwargs = dict(model="tiny-starling", messages=ASK, max_tokens=12, temperature=0)
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = client.chat.completions.create(stop=[stop, "never-generated"], **kwargs).choices[0]
+    assert cut.message.content == full[:full.index(stop)] and cut.finish_reason == "stop"
+    streamed = client.chat.completions.create(stop=stop, stream=True, **kwargs)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == cut.message.content
+
+
+def test_triage_in_reply_and_first_chunk(server):
+    body = {"messages": EMERGENCY, "max_tokens": 2}
+    triage = httpx.post(server.url + CHAT, json=body).json()["triage"]
+    assert triage["level"] == "emergency" and "emergency number" in triage["notice"]
+    assert "chest_pain_red_flags" in [m["id"] for m in triage["matched"]]
+    with httpx.stream("POST", server.url + CHAT, json={**body, "stream": True}) as r:
+        events = [json.loads(e[6:]) for e in r.read().decode().split("\n\n") if e.startswith("data: {")]
+    assert events[0]["triage"] == triage and all("triage" not in e for e in events[1:])
+    assert httpx.post(server.url + CHAT, json={"messages": ASK, "max_tokens": 2}).json()["triage"] == {
+        "level": "none", "matched": [], "notice": ""}
+
+
 def test_raw_sse_wire_format(server):
     body = {"messages": ASK, "stream": True, "max_tokens": 4, "temperature": 0}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", server.url + CHAT, json=body, timeout=60) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [e for e in r.read().decode().split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events)
@@ -101,9 +108,11 @@ def test_raw_sse_wire_format(server):
 @pytest.mark.parametrize("kwargs, param", [
     (dict(messages=[{"role": "user", "content": "x" * 2001}]), "messages[0].content"),
     (dict(messages=ASK * 9), "messages"),
-    (dict(messages=ASK, max_tokens=65), "max_tokens"),
+    (dict(messages=ASK, max_tokens=2001), "max_tokens"),
     (dict(messages=[{"role": "doctor", "content": "hi"}]), "messages.0.role"),
     (dict(messages=[]), "messages"),
+    (dict(messages=ASK, stop=["a", "b", "c", "d", "e"]), "stop"),
+    (dict(messages=ASK, max_tokens=1990), "messages"),  # the prompt plus max_tokens exceeds the context (2048)
 ])
 def test_limits_give_openai_errors(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:
@@ -114,9 +123,23 @@ def test_limits_give_openai_errors(client, kwargs, param):
         assert "message 0 is too long: 2001 characters > 2000" in err.value.message
 
 
+def test_default_max_tokens_shrinks_to_fit_the_context(server, model_and_tok):
+    def conversation(words: int) -> list[dict]:
+        return [{"role": "user", "content": "word " * 380}] * 4 + [{"role": "user", "content": "word " * words}]
+
+    def prompt_tokens(words: int) -> int:
+        return len(encode_messages(model_and_tok[1], with_system_prompt(conversation(words), DEFAULT_SYSTEM_PROMPT)))
+
+    words = max(w for w in range(400) if prompt_tokens(w) <= 2045)
+    room = 2048 - prompt_tokens(words)
+    assert room < 8  # the server's default max_tokens (8) would not fit; what is left does
+    reply = httpx.post(server.url + CHAT, json={"messages": conversation(words), "temperature": 0}, timeout=120)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= room
+
+
 def test_oversized_body_is_refused(server):
     big = {"messages": [{"role": "user", "content": "a" * 1000}] * 30}
-    r = httpx.post(server.url + "/v1/chat/completions", json=big)
+    r = httpx.post(server.url + CHAT, json=big)
     assert r.status_code == 413
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert r.json()["error"]["code"] == "request_too_large"
@@ -125,6 +148,59 @@ def test_oversized_body_is_refused(server):
 def test_unknown_route_error_shape(server):
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and "message" in r.json()["error"]
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    return r.json()["error"]
+
+
+def test_api_key_required_on_v1(keyed):
+    body = {"messages": ASK, "max_tokens": 2}
+    assert error_of(httpx.post(keyed.url + CHAT, json=body), 401)["code"] == "invalid_api_key"
+    wrong = httpx.post(keyed.url + CHAT, json=body, headers={"Authorization": "Bearer nope"})
+    assert error_of(wrong, 401)["code"] == "invalid_api_key" and wrong.headers["www-authenticate"] == "Bearer"
+    assert error_of(httpx.get(keyed.url + "/v1/models"), 401)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed.url + "/v1", api_key="nope", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY, max_retries=0)
+    assert good.chat.completions.create(model="x", messages=ASK, max_tokens=2).choices[0].message.content
+    assert httpx.get(keyed.url + "/").status_code == 200  # the page loads, then asks for the key
+    assert httpx.get(keyed.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          None])
+def test_non_json_bodies_get_415(server, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    r = httpx.post(server.url + CHAT, content=json.dumps({"messages": ASK}), headers=headers)
+    assert error_of(r, 415)["code"] == "unsupported_media_type"
+
+
+def test_foreign_host_is_refused(server):
+    for path in ("/", "/v1/models", "/health"):
+        assert error_of(httpx.get(server.url + path, headers={"Host": "attacker.example:8000"}), 400)["code"] == \
+            "invalid_host"
+    assert httpx.get(server.url + "/v1/models", headers={"Host": f"localhost:{server.port}"}).status_code == 200
+
+
+def test_no_cors_by_default(server):
+    preflight = httpx.options(server.url + CHAT, headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert "access-control-allow-origin" not in preflight.headers
+    plain = httpx.get(server.url + "/v1/models", headers={"Origin": "https://evil.example"})
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
+def test_internal_errors_are_openai_errors(server, monkeypatch):
+    def broken(messages):
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr("medtune.serve.app.triage_messages", broken)
+    error = error_of(httpx.post(server.url + CHAT, json={"messages": ASK}), 500)
+    assert error["type"] == "server_error" and "secret" not in error["message"]
 
 
 def build_prompt(tok, messages, system_prompt):
@@ -150,18 +226,26 @@ def test_default_system_prompt_only_when_missing(model_and_tok):
     assert DEFAULT_SYSTEM_PROMPT not in tok.decode(build_prompt(tok, own, DEFAULT_SYSTEM_PROMPT))
 
 
-@pytest.mark.slow
-def test_fifty_concurrent_requests(server):
-    def ask(i):
-        body = {"messages": [{"role": "user", "content": f"Symptom report number {i}: dizzy."}], "max_tokens": 3,
-                "stream": i % 2 == 0}
-        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=300)
-        assert r.status_code == 200, r.text
-        if body["stream"]:
-            assert r.text.rstrip().endswith("data: [DONE]")
-            return json.loads(r.text.split("\n\n")[0][6:])["object"]
-        return r.json()["object"] if r.json()["choices"][0]["message"]["content"] is not None else None
+def test_cors_only_for_listed_origins(model_and_tok):
+    settings = ServerSettings(default_max_tokens=8, limits=LIMITS, api_key=KEY, cors_origins=("https://app.example",))
+    with local_server(model_and_tok, settings) as s:
+        def preflight(origin):
+            return httpx.options(s.url + CHAT, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                                        "Access-Control-Request-Headers": "authorization,content-type"})
 
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        objects = list(pool.map(ask, range(50)))
-    assert objects == ["chat.completion.chunk", "chat.completion"] * 25
+        allowed = preflight("https://app.example")  # answered before the key is asked for: preflights carry none
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
+        assert "access-control-allow-origin" not in preflight("https://evil.example").headers
+
+
+def test_allowed_host_names():
+    from medtune.serve.security import allowed_hosts, host_name
+
+    assert allowed_hosts("127.0.0.1") == {"localhost", "127.0.0.1", "::1"}
+    assert allowed_hosts("10.1.2.3", ["Chat.Example.org"]) == {"localhost", "127.0.0.1", "::1", "10.1.2.3",
+                                                              "chat.example.org"}
+    everywhere = allowed_hosts("0.0.0.0")
+    assert {"localhost", socket.gethostname().lower()} <= everywhere and "0.0.0.0" not in everywhere
+    assert allowed_hosts("0.0.0.0", ["*"]) is None
+    assert [host_name(h) for h in ("example.org:8000", "[::1]:8000", "::1", "EXAMPLE.org")] == [
+        "example.org", "::1", "::1", "example.org"]

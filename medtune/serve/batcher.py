@@ -1,0 +1,185 @@
+"""Dynamic batching: one background thread generates for every request of the server.
+
+Requests wait in a queue (at most `max_queue`); when the thread starts a batch, every waiting request joins it, up to
+`max_batch_size`. Each step gives every row its next token, which goes straight into that request's own asyncio
+queue (one hand-over to the event loop per step, for all rows): the thread never waits for a client, so a slow or
+stalled reader holds only its own (bounded) backlog. A request that is cancelled (its client went away) or past its
+deadline leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from medtune.chat_format import END_OF_TURN
+from medtune.serve.decoding import DecodeBatch, Sampling
+from medtune.serve.reply import ReplyText
+
+log = logging.getLogger("medtune.serve")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many requests waiting; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # "stop" (end of turn or a stop string) or "length" (max_tokens reached)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Job:
+    """One request, and the queue of the event loop that submitted it, which receives its events:
+    ("text", str), then ("finish", Finish), ("timeout", None) or ("error", str)."""
+
+    def __init__(self, prompt: list[int], max_tokens: int, sampling: Sampling, stop: tuple[str, ...] = (),
+                 deadline: float = math.inf):
+        self.prompt, self.max_tokens, self.sampling, self.stop = prompt, max_tokens, sampling, stop
+        self.deadline = deadline
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()  # unbounded: the generation thread must never block on it
+        self.completion_tokens = 0
+        self.cancelled = False
+        self.done = False
+
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
+class Batcher:
+    def __init__(self, model, tok, max_batch_size: int = 8, max_queue: int = 64):
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
+        self.model, self.tok = model, tok
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.eot = tok.convert_tokens_to_ids(END_OF_TURN)
+        self.stats = dict(batches=0, largest_batch=0, finished=0, cancelled=0, timed_out=0, failed=0, tokens=0)
+        self._waiting: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._outbox: list[tuple[Job, tuple]] = []  # events of this step, handed over together
+        self._cond = threading.Condition()
+        self._closing = False
+        self._last_batch_s = 1.0
+        self._thread = threading.Thread(target=self._loop, name="medtune-batcher", daemon=True)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return sum(not j.done for j in self._active)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(30)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(retry_after=min(60, max(1, math.ceil(self._last_batch_s))))
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Stop generating for `job` (no-op once it is done): it leaves the queue now, or its batch at the next step."""
+        with self._cond:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                job.done = True
+                self.stats["cancelled"] += 1
+        job.cancelled = True
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    break
+                jobs = [self._waiting.popleft() for _ in range(min(self.max_batch_size, len(self._waiting)))]
+            self._active = jobs
+            started = time.monotonic()
+            try:
+                self._run(jobs)
+            except Exception as e:  # a failed batch fails its requests, never the server
+                log.exception("generation failed")
+                self._end([j for j in jobs if not j.done], "failed", ("error", f"generation failed: {e}"))
+            self._flush()
+            self._last_batch_s = time.monotonic() - started
+        self._end([j for j in [*self._active, *self._waiting] if not j.done], "failed",
+                  ("error", "the server is shutting down"))
+        self._flush()
+
+    def _run(self, jobs: list[Job]) -> None:
+        self._end([j for j in jobs if j.cancelled and not j.done], "cancelled")
+        jobs = [j for j in jobs if not j.done]
+        if not jobs:
+            return
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+        replies = [ReplyText(self.tok, j.stop) for j in jobs]
+        batch = DecodeBatch(self.model, self.tok, [j.prompt for j in jobs], [j.sampling for j in jobs])
+        while batch.rows and not self._closing:
+            tokens = batch.sample()
+            self.stats["tokens"] += len(tokens)
+            keep = [self._feed(jobs[r], replies[r], t) for r, t in zip(batch.rows, tokens)]
+            self._flush()  # the clients get this step's tokens while the next one is computed
+            batch.advance(tokens, keep)
+
+    def _feed(self, job: Job, reply: ReplyText, token: int) -> bool:
+        """Give `job` its next token; False once its reply has ended (or nobody wants it any more)."""
+        if job.cancelled:
+            return self._end([job], "cancelled")
+        if time.monotonic() > job.deadline:
+            return self._end([job], "timed_out", ("timeout", None))
+        job.completion_tokens += 1
+        if token == self.eot:
+            return self._finish(job, reply, "stop")
+        text, stopped = reply.add(token)
+        if text:
+            self._outbox.append((job, ("text", text)))
+        if stopped or job.completion_tokens >= job.max_tokens:
+            return self._finish(job, reply, "stop" if stopped else "length")
+        return True
+
+    def _finish(self, job: Job, reply: ReplyText, reason: str) -> bool:
+        if held := reply.flush():
+            self._outbox.append((job, ("text", held)))
+        return self._end([job], "finished", ("finish", Finish(reason, len(job.prompt), job.completion_tokens)))
+
+    def _end(self, jobs: list[Job], outcome: str, event: tuple | None = None) -> bool:
+        for job in jobs:
+            job.done = True
+            self.stats[outcome] += 1
+            if event:
+                self._outbox.append((job, event))
+        return False
+
+    def _flush(self) -> None:
+        """Hand this step's events to the event loops of their requests: one call per loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, event in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job.events, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass

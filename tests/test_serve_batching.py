@@ -1,0 +1,191 @@
+"""Dynamic batching in medtune-serve: same greedy replies as one at a time, slow readers, disconnects, limits."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from serve_helpers import LIMITS, local_server, raw_request, read_all, wait_for
+
+from medtune.chat_format import encode_messages
+from medtune.inference import generate, load_model
+from medtune.serve.app import ServerSettings
+from medtune.serve.decoding import DecodeBatch, Sampling
+from medtune.serve.reply import ReplyText
+
+CHAT = "/v1/chat/completions"
+PROMPTS = [[{"role": "user", "content": f"Patient {i}: " + "dizzy and tired, " * (i % 5) + "what should I do?"}]
+           for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tiny_model_dir):
+    return load_model(tiny_model_dir, device="cpu")
+
+
+def decode(model, tok, conversations, max_new, samplings=None, drop_after=None):
+    """Tokens per row from DecodeBatch; `drop_after` = {row: n} makes a row leave the batch after n tokens."""
+    prompts = [encode_messages(tok, c) for c in conversations]
+    batch = DecodeBatch(model, tok, prompts, samplings or [Sampling()] * len(prompts))
+    out = [[] for _ in prompts]
+    while batch.rows:
+        tokens = batch.sample()
+        for row, t in zip(batch.rows, tokens):
+            out[row].append(t)
+        keep = [len(out[r]) < (drop_after or {}).get(r, max_new) for r in batch.rows]
+        batch.advance(tokens, keep)
+    return out
+
+
+def test_decode_batch_greedy_equals_one_at_a_time_and_generate(model_and_tok):
+    model, tok = model_and_tok
+    batched = decode(model, tok, PROMPTS, 12)
+    single = [decode(model, tok, [c], 12)[0] for c in PROMPTS]
+    assert batched == single  # fp32, left padding: padding never changes a greedy token
+    assert len({tuple(t) for t in batched}) > 8  # different prompts, different replies: no leaks between rows
+    for c, tokens in zip(PROMPTS[:3], single):  # transformers' generate (min_new_tokens=1, as here) agrees
+        assert generate(model, tok, [c], max_new_tokens=12)[0] == tok.decode(tokens, skip_special_tokens=True).strip()
+
+
+def test_rows_leaving_and_sampled_rows_do_not_change_greedy_rows(model_and_tok):
+    model, tok = model_and_tok
+    reference = decode(model, tok, PROMPTS[:4], 10)
+    samplings = [Sampling(), Sampling(temperature=1.0, top_p=0.9), Sampling(), Sampling(temperature=0.7)]
+    mixed = decode(model, tok, PROMPTS[:4], 10, samplings, drop_after={0: 3, 1: 5})
+    assert mixed[0] == reference[0][:3] and len(mixed[1]) == 5
+    assert mixed[2] == reference[2] and len(mixed[3]) == 10
+
+
+def test_reply_text_holds_back_a_stop_string_until_it_is_decided(model_and_tok):
+    _, tok = model_and_tok
+    ids = tok.encode(" Rest and drink fluids. Call a doctor if it gets worse.", add_special_tokens=False)
+    full = tok.decode(ids)
+    reply, pieces = ReplyText(tok, stop=("Call a",)), []
+    for i in ids:
+        text, stopped = reply.add(i)
+        pieces.append(text)
+        if stopped:
+            break
+    assert stopped and "".join(pieces) == full[:full.index("Call a")].lstrip()
+    assert all("Call" not in p for p in pieces)
+    free = ReplyText(tok, stop=("Doctor!",))
+    assert "".join(free.add(i)[0] for i in ids) + free.flush() == full.strip()
+
+
+def ask(url, messages, stream=False, **options):
+    body = {"messages": messages, "temperature": 0, "stream": stream, **options}
+    r = httpx.post(url + CHAT, json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    if not stream:
+        return r.json()["choices"][0]["message"]["content"]
+    assert r.text.rstrip().endswith("data: [DONE]")
+    events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+    return "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+
+
+def test_sixteen_concurrent_greedy_clients_get_the_replies_of_one_at_a_time(model_and_tok):
+    options = [dict(max_tokens=6 + i % 7, stop=["zz"] if i % 4 == 0 else None) for i in range(16)]
+    with local_server(model_and_tok, max_batch_size=8) as server:
+        with ThreadPoolExecutor(16) as pool:
+            batched = list(pool.map(lambda i: ask(server.url, PROMPTS[i], i % 2 == 1, **options[i]), range(16)))
+        stats = server.backend.batcher.stats
+        assert stats["largest_batch"] > 1 and stats["batches"] < 16  # requests really shared batches
+    with local_server(model_and_tok, max_batch_size=1) as server:
+        single = [ask(server.url, PROMPTS[i], **options[i]) for i in range(16)]
+        assert server.backend.batcher.stats["largest_batch"] == 1
+    assert batched == single
+
+
+@pytest.fixture(scope="module")
+def server(model_and_tok):
+    with local_server(model_and_tok, sndbuf=4096) as s:
+        yield s
+
+
+def test_a_client_that_stops_reading_does_not_hold_the_model(server):
+    batcher = server.backend.batcher
+    finished = batcher.stats["finished"]
+    # ~800 chunks of ~190 bytes: far more than the socket buffers and uvicorn's 64 KiB write buffer hold.
+    stalled = raw_request(server.port, {"messages": PROMPTS[0], "stream": True, "max_tokens": 800, "temperature": 0},
+                          rcvbuf=1024)
+    try:
+        wait_for(lambda: batcher.running == 1, what="the stalled stream to start generating")
+        with ThreadPoolExecutor(4) as pool:  # others are served meanwhile
+            assert all(pool.map(lambda i: ask(server.url, PROMPTS[i], max_tokens=8), range(1, 5)))
+        wait_for(lambda: batcher.stats["finished"] == finished + 5 and batcher.running == 0,
+                 what="the stalled stream's generation to finish while nothing of it is read")
+        received = read_all(stalled).decode()  # raw HTTP/1.1, chunked
+    finally:
+        stalled.close()
+    assert "data: [DONE]" in received[-100:] and received.count('"content"') > 700
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_stops_generation(server, stream):
+    batcher = server.backend.batcher
+    before = dict(batcher.stats)
+    sock = raw_request(server.port, {"messages": PROMPTS[1], "max_tokens": 1500, "stream": stream})
+    wait_for(lambda: batcher.running == 1, what="generation to start")
+    sock.close()
+    wait_for(lambda: batcher.running == 0, what="generation to stop")
+    assert batcher.stats["cancelled"] == before["cancelled"] + 1
+    assert batcher.stats["finished"] == before["finished"]
+    assert batcher.stats["tokens"] - before["tokens"] < 1500  # stopped part way
+
+
+def test_full_queue_answers_503_with_retry_after(model_and_tok):
+    with local_server(model_and_tok, max_batch_size=1, max_queue=1) as server:
+        batcher = server.backend.batcher
+        running = raw_request(server.port, {"messages": PROMPTS[2], "max_tokens": 1500})
+        wait_for(lambda: batcher.running == 1, what="the first request to run")
+        waiting = raw_request(server.port, {"messages": PROMPTS[3], "max_tokens": 1500})
+        wait_for(lambda: batcher.waiting == 1, what="the second request to queue")
+        r = httpx.post(server.url + CHAT, json={"messages": PROMPTS[4], "max_tokens": 2})
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "server_error"
+        waiting.close()
+        running.close()
+        wait_for(lambda: batcher.running == 0 and batcher.waiting == 0, what="both to be cancelled")
+        assert ask(server.url, PROMPTS[4], max_tokens=2)  # served again
+
+
+def test_request_timeout(model_and_tok):
+    settings = ServerSettings(default_max_tokens=8, limits=LIMITS, request_timeout=0.5)
+    with local_server(model_and_tok, settings) as server:
+        body = {"messages": PROMPTS[5], "max_tokens": 1500}
+        r = httpx.post(server.url + CHAT, json=body, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        streamed = httpx.post(server.url + CHAT, json={**body, "stream": True}, timeout=60).text
+        assert '"code": "timeout"' in streamed.split("\n\n")[-2] and "[DONE]" not in streamed
+        batcher = server.backend.batcher
+        wait_for(lambda: batcher.running == 0, what="the timed-out rows to leave the batch")
+        assert batcher.stats["finished"] == 0
+
+
+
+def test_decode_batch_runs_a_lora_adapter_on_its_base(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from medtune.inference import load_tokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)  # random, not a no-op
+    get_peft_model(base, lora).save_pretrained(tmp_path)
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path)
+    model, tok = load_model(tmp_path, device="cpu")  # an adapter folder, as medtune-serve --model loads it
+    (tokens,) = decode(model, tok, PROMPTS[:1], 8)
+    expected = generate(model, tok, PROMPTS[:1], max_new_tokens=8)[0]
+    assert tok.decode(tokens, skip_special_tokens=True).strip() == expected
+
+
+@pytest.mark.slow
+def test_serve_load_benchmark_code_path(tmp_path):
+    """bench/serve_load.py at tiny sizes: both servers, both sides, the comparison of replies (no timing)."""
+    from bench import serve_load
+
+    out = tmp_path / "serve_load.json"
+    result = serve_load.main(["--clients", "2", "--requests", "3", "--max-tokens", "2", "--repeats", "1",
+                              "--stream", "--json", str(out)])
+    assert [r["side"] for r in result["rows"]] == ["batched", "one_at_a_time"]
+    assert result["identical_replies"] and json.loads(out.read_text())["rows"][1]["ratio"] == 1.0

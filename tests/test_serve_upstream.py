@@ -1,0 +1,126 @@
+"""`--upstream` (medtune-serve in front of another OpenAI-compatible server), `--print-vllm-command`, the CLI checks."""
+
+import json
+import shlex
+
+import httpx
+import openai
+import pytest
+from serve_helpers import LIMITS, LocalServer, local_server, raw_request, wait_for
+
+from medtune.chat_format import CHAT_TEMPLATE
+from medtune.inference import load_model
+from medtune.serve import cli
+from medtune.serve.app import ServerSettings, create_app
+from medtune.serve.upstream import UpstreamBackend
+
+UPSTREAM_KEY, FRONT_KEY = "sk-upstream-key", "sk-front-key"
+ASK = [{"role": "user", "content": "I have had a mild headache since this morning."}]
+EMERGENCY = [{"role": "user", "content": "My face is drooping on one side and my speech is slurred."}]
+
+
+@pytest.fixture(scope="module")
+def upstream(tiny_model_dir):
+    model_and_tok = load_model(tiny_model_dir, device="cpu")
+    settings = ServerSettings(default_max_tokens=8, limits=LIMITS, api_key=UPSTREAM_KEY)
+    with local_server(model_and_tok, settings, max_model_len=512) as s:
+        yield s
+
+
+def front_server(url: str, key: str = UPSTREAM_KEY, **backend_kwargs) -> LocalServer:
+    settings = ServerSettings(default_max_tokens=8, limits=LIMITS, api_key=FRONT_KEY)
+    return LocalServer(create_app(UpstreamBackend(url, key, **backend_kwargs), settings))
+
+
+@pytest.fixture(scope="module")
+def front(upstream):
+    with front_server(upstream.url + "/v1") as s:
+        yield s
+
+
+def client(server, key):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_front_serves_the_upstream_model_with_triage(front, upstream):
+    direct, via = client(upstream, UPSTREAM_KEY), client(front, FRONT_KEY)
+    assert [m.model_dump() for m in via.models.list()] == [m.model_dump() for m in direct.models.list()]
+    kwargs = dict(model="tiny-starling", messages=ASK, max_tokens=8, temperature=0)
+    expected = direct.chat.completions.create(**kwargs).choices[0].message.content
+    assert via.chat.completions.create(**kwargs).choices[0].message.content == expected
+    streamed = via.chat.completions.create(stream=True, **kwargs)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+    with pytest.raises(openai.AuthenticationError):  # the front asks for its own key, not the upstream's
+        client(front, UPSTREAM_KEY).models.list()
+
+    headers = {"Authorization": f"Bearer {FRONT_KEY}"}
+    plain = httpx.post(front.url + "/v1/chat/completions", json={"messages": EMERGENCY}, headers=headers).json()
+    assert plain["triage"]["level"] == "emergency" and plain["model"] == "tiny-starling"
+    with httpx.stream("POST", front.url + "/v1/chat/completions", headers=headers,
+                      json={"messages": EMERGENCY, "stream": True}) as r:
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert json.loads(events[0][6:])["triage"] == plain["triage"] and events[-1] == "data: [DONE]"
+
+
+def test_upstream_errors_pass_through_as_openai_errors(front):
+    headers = {"Authorization": f"Bearer {FRONT_KEY}"}
+    long = [{"role": "user", "content": "word " * 390}] * 2  # over the upstream's 512-token context
+    r = httpx.post(front.url + "/v1/chat/completions", json={"messages": long}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(front.url + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 5000}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"  # the front's own limits
+
+
+@pytest.mark.parametrize("url, key, status", [("http://127.0.0.1:9/v1", UPSTREAM_KEY, 502), (None, "wrong", 502)])
+def test_unreachable_or_refusing_upstream_gives_502(upstream, url, key, status):
+    with front_server(url or upstream.url + "/v1", key, model="tiny-starling") as front:
+        r = httpx.post(front.url + "/v1/chat/completions", json={"messages": ASK},
+                       headers={"Authorization": f"Bearer {FRONT_KEY}"})
+    assert r.status_code == status and r.json()["error"]["type"] == "server_error"
+
+
+def test_disconnect_at_the_front_stops_the_upstream_generation(front, upstream):
+    batcher = upstream.backend.batcher
+    before = dict(batcher.stats)
+    sock = raw_request(front.port, {"messages": ASK, "max_tokens": 300},
+                       headers=f"Authorization: Bearer {FRONT_KEY}\r\n")
+    wait_for(lambda: batcher.running == 1, what="the upstream to start generating")
+    sock.close()
+    wait_for(lambda: batcher.running == 0, what="the upstream to stop")
+    assert batcher.stats["cancelled"] == before["cancelled"] + 1 and batcher.stats["finished"] == before["finished"]
+    assert front.backend.health()["in_flight"] == 0
+
+
+def test_print_vllm_command_for_merged_model_and_adapter(tiny_model_dir, tmp_path, capsys):
+    cli.main(["--model", str(tiny_model_dir), "--print-vllm-command", "--max-model-len", "4096"])
+    out = capsys.readouterr().out
+    merged = shlex.split(next(line for line in out.splitlines() if line.startswith("vllm serve")))
+    assert merged[:3] == ["vllm", "serve", str(tiny_model_dir.resolve())]
+    assert merged[merged.index("--chat-template") + 1] == CHAT_TEMPLATE
+    assert merged[merged.index("--generation-config") + 1] == str(tiny_model_dir.resolve())
+    assert merged[merged.index("--max-model-len") + 1] == "4096"
+    assert "VLLM_API_KEY" in out and "--api-key" not in merged  # no secret on a command line
+    assert f"--upstream http://<gpu-machine>:8000/v1 --upstream-model {tiny_model_dir.resolve().name}" in out
+
+    adapter = tmp_path / "adjusted_model"
+    adapter.mkdir()
+    config = {"base_model_name_or_path": "berkeley-nest/Starling-LM-7B-alpha", "r": 12, "peft_type": "LORA"}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    cli.main(["--model", str(adapter), "--print-vllm-command"])
+    args = shlex.split(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("vllm serve")))
+    assert args[:3] == ["vllm", "serve", "berkeley-nest/Starling-LM-7B-alpha"] and "--enable-lora" in args
+    assert args[args.index("--lora-modules") + 1] == f"adjusted_model={adapter}"
+    assert args[args.index("--max-lora-rank") + 1] == "16"  # vLLM accepts 1, 8, 16, 32, ...: the next one up
+    assert args[args.index("--tokenizer") + 1] == str(adapter) and "--chat-template" in args
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--host", "0.0.0.0"], "--api-key"),
+    (["--print-vllm-command"], "needs --model"),
+    (["--upstream", "http://x/v1", "--model", "m"], "leave out --model"),
+])
+def test_cli_refuses_unsafe_or_contradictory_settings(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("MEDTUNE_API_KEY", raising=False)
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert message in capsys.readouterr().err
