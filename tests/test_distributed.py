@@ -1,9 +1,10 @@
-"""Multi-process QLoRA training on CPU (2 processes, gloo) under each accelerate config, and exact resume.
+"""Multi-process QLoRA training on CPU (2 processes, gloo) under each accelerate config, preemption and exact resume.
 
 Each run is a real `accelerate launch launch/train.py` of the tiny recipe: DDP, DeepSpeed ZeRO-2 and ZeRO-3
 (4-bit weights stored in the compute dtype and sharded). The saved adapter must be complete (ZeRO-3 keeps only
 a shard of every weight per rank) and equal to what was trained: for DeepSpeed it is checked against the fp32
-weights DeepSpeed itself reconstructs from the optimizer shards of the checkpoint.
+weights DeepSpeed itself reconstructs from the optimizer shards of the checkpoint. FSDP cannot run through
+accelerate on CPU (it selects FSDP only on GPUs); its QLoRA loading is checked with torch's FSDP directly.
 """
 
 from __future__ import annotations
@@ -170,3 +171,38 @@ def test_preempted_run_resumes_exactly(tiny_args, tmp_path):
     assert sorted(resumed) == list(range(1, steps + 1))
     for step in range(stopped_at + 1, steps + 1):
         assert resumed[step] == pytest.approx(expected[step], rel=RESUME_RTOL), (step, resumed, expected)
+
+
+def test_fsdp_qlora_has_one_dtype_per_flat_parameter(tiny_model_dir, monkeypatch):
+    """FSDP-QLoRA as the README says: under FSDP the 4-bit weights are stored in the compute dtype (bf16 here, as on
+    GPUs), loaded without a device map and nothing is upcast, so torch's FSDP, with peft's wrap policy as
+    transformers applies it, flattens every unit into one dtype, and trains. accelerate selects FSDP only on GPUs,
+    so FSDP is driven directly here, in one gloo process."""
+    import torch
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from trl import get_peft_config
+
+    from medtune.config import parse_recipe
+    from medtune.model import load_model
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        recipe = parse_recipe(["--config", str(ROOT / "configs/recipes/tiny.yaml"), "--model_name_or_path",
+                               str(tiny_model_dir), "--dtype", "bfloat16"])
+        base = load_model(recipe)
+        assert base.hf_quantizer.quantization_config.bnb_4bit_quant_storage == torch.bfloat16
+        assert getattr(base, "hf_device_map", None) is None
+        assert {p.dtype for p in base.parameters()} == {torch.bfloat16}
+        model = get_peft_model(base, get_peft_config(recipe.model))
+        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model),
+                                           use_orig_params=False, device_id=torch.device("cpu"))
+        ids = torch.arange(1, 17).unsqueeze(0)
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        grads = [p.grad for p in wrapped.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads)
+    finally:
+        dist.destroy_process_group()
