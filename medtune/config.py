@@ -65,6 +65,11 @@ class DataArguments:
     resume: bool = field(
         default=False, metadata={"help": "Resume from the newest complete checkpoint in output_dir, if any."}
     )
+    save_every_minutes: float = field(
+        default=0,
+        metadata={"help": "Also save a checkpoint at the first step end once this many minutes have passed since "
+                  "the last save (a crash then loses at most that much training); 0 turns it off."},
+    )
     generation_eval_samples: int = field(
         default=0,
         metadata={"help": "After training, generate and score this many eval rows per task family mix "
@@ -253,6 +258,9 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"overlong={d.overlong!r}: use 'truncate' or 'drop'")
     if not 0 <= d.eval_split_size < 1:
         raise ConfigError(f"eval_split_size={d.eval_split_size}: use a fraction in [0, 1)")
+    if d.save_every_minutes < 0:
+        raise ConfigError(f"save_every_minutes={d.save_every_minutes}: use minutes > 0, or 0 for no time-based "
+                          "checkpoints")
     if t.num_train_epochs <= 0 and t.max_steps <= 0:
         raise ConfigError("num_train_epochs and max_steps are both <= 0: set one of them")
     for key in ("dataset_name", "eval_dataset_name"):
