@@ -164,7 +164,8 @@ def train(recipe: Recipe) -> TrainResult:
         # Every rank generates (same inputs): under ZeRO-3 each forward pass needs the shards of all ranks.
         if recipe.data.generation_eval_samples:
             evaluate_generations(trainer, tokenizer, prepared, recipe.data.generation_eval_samples)
-        answer = answer_sample(trainer.model, tokenizer, recipe.data.sample_prompt) if recipe.data.sample_prompt else None
+        prompt = recipe.data.sample_prompt
+        answer = answer_sample(trainer.model, tokenizer, prompt) if prompt else None
         trainer.accelerator.wait_for_everyone()
         return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, answer)
     finally:

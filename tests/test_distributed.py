@@ -187,9 +187,12 @@ def test_preempted_run_saves_once_and_resumes_exactly(tiny_args, tmp_path):
     assert sorted(resumed) == sorted(expected)
     for step in range(stopped_at + 1, step_of(end) + 1):
         assert resumed[step] == pytest.approx(expected[step], rel=RESUME_RTOL), (step, resumed, expected)
-    eval_loss = lambda c: [e["eval_loss"] for e in json.loads((c / "trainer_state.json").read_text())["log_history"]
-                           if "eval_loss" in e]  # noqa: E731
-    assert eval_loss(end) == pytest.approx(eval_loss(straight_end), rel=RESUME_RTOL) and len(eval_loss(end)) == 1
+    def eval_losses(checkpoint: Path) -> list[float]:
+        history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+        return [e["eval_loss"] for e in history if "eval_loss" in e]
+
+    assert len(eval_losses(end)) == 1
+    assert eval_losses(end) == pytest.approx(eval_losses(straight_end), rel=RESUME_RTOL)
     assert (end / RUN_ID_FILE).read_text() == (ckpt / RUN_ID_FILE).read_text(), "resumed into another W&B run"
 
 
