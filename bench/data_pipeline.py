@@ -15,7 +15,7 @@ pipelines cut every row at max_length, answer included. rows/s counts input rows
 Reports rows/s, real tokens/s and packing efficiency (real tokens / (rows after packing x max_length)), median
 over --repeats, and each side's ratio to the baseline.
 
-    python bench/data_pipeline.py --rows 200000 --repeats 3 --json .cache/bench/data.json
+    python -m bench.data_pipeline --rows 200000 --repeats 3 --json .cache/bench/data.json
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repo root on sys.path)
-from _common import TINY_DIR, interleave, machine, median, medtune_recipe, print_table, tutorial_text, write_json
-
-import synthetic
+from bench import synthetic
+from bench._common import TINY_DIR, interleave, machine, median, medtune_recipe, print_table, tutorial_text, write_json
 
 
 def _real_tokens(dataset, column: str = "input_ids") -> int:

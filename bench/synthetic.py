@@ -10,7 +10,7 @@ The mix and length parameters are an estimate from the MedTuned source corpora (
 BC5CDR, BC2GM, JNLPBA; i2b2-2010 and GAD relations; MedNLI; HoC abstracts; PubMedQA; symptom dialogues), not a
 measurement of the real dataset (it is not downloaded here). docs/BENCHMARKS.md records them.
 
-    python bench/synthetic.py --rows 200000 --out .cache/bench/medtuned_synthetic.jsonl
+    python -m bench.synthetic --rows 200000 --out .cache/bench/medtuned_synthetic.jsonl
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ class ClusterUnavailable(RuntimeError):
 def unavailable_reason() -> str | None:
     missing = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
     if missing:
-        return f"Slurm/munge not installed (missing {', '.join(missing)}): apt-get install slurmctld slurmd slurm-client munge"
+        return (f"Slurm/munge not installed (missing {', '.join(missing)}): "
+                "apt-get install slurmctld slurmd slurm-client munge")
     if os.geteuid() != 0:
         return "a local Slurm cluster needs root (slurmd starts jobs as their user)"
     if not MUNGE_KEY.exists():

@@ -100,7 +100,8 @@ def clean_row(raw: object, where: str, report: RowReport) -> dict[str, str] | No
     return row
 
 
-def read_rows(source: str, split: str, config: str | None = None, limit: int | None = None) -> tuple[list[dict], RowReport]:
+def read_rows(source: str, split: str, config: str | None = None,
+              limit: int | None = None) -> tuple[list[dict], RowReport]:
     """Clean rows of `source` (local file/folder: all rows; hub id: the named split) and the report."""
     report = RowReport()
     if is_local(source):

@@ -13,7 +13,7 @@ word starts). Order matters because instructions share words:
 | qa             | question(s), answer*, PubMedQA, "yes, no, or maybe"                       | |
 
 Anything else is "other": it is scored with the free-text metrics and reported, never dropped.
-"""
+"""  # noqa: E501 - the table
 
 from __future__ import annotations
 
@@ -26,9 +26,12 @@ _RULES: tuple[tuple[str, re.Pattern], ...] = tuple(
     for family, patterns in (
         ("nli", [r"\bpremise", r"\bhypothes[ie]s", r"\bentail", r"\bcontradict", r"\bnatural language inference"]),
         ("re", [r"\brelation", r"@[a-z_]+\$", r"(?-i:\b(?:TrIP|TrWP|TrCP|TrAP|TrNAP|TeRP|TeCP|PIP)\b)"]),
-        ("ner", [r"\bnamed[- ]entit", r"\bentity recognition", r"\bBIO\b", r"\b(?:identify|extract|recogni[sz]e|tag|label)\b[^.]*\bentit"]),
-        ("classification", [r"\bhallmarks?\b", r"\bclassif", r"\bcategori", r"\blabels? (?:for |to )?(?:the|this|each) (?:document|text|abstract|sentence)"]),
-        ("dialogue", [r"\bdoctor", r"\bpatient'?s (?:description|query|question|message)", r"\bchat ?doctor", r"\bsymptoms? (?:described|they describe)"]),
+        ("ner", [r"\bnamed[- ]entit", r"\bentity recognition", r"\bBIO\b",
+                 r"\b(?:identify|extract|recogni[sz]e|tag|label)\b[^.]*\bentit"]),
+        ("classification", [r"\bhallmarks?\b", r"\bclassif", r"\bcategori",
+                            r"\blabels? (?:for |to )?(?:the|this|each) (?:document|text|abstract|sentence)"]),
+        ("dialogue", [r"\bdoctor", r"\bpatient'?s (?:description|query|question|message)", r"\bchat ?doctor",
+                      r"\bsymptoms? (?:described|they describe)"]),
         ("qa", [r"\bquestions?\b", r"\banswer", r"\bpubmed ?qa", r"\byes,? no,? or maybe\b"]),
     )
 )
