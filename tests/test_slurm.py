@@ -87,7 +87,8 @@ def submit(cluster: SlurmCluster, tmp_path: Path, out: Path, tiny_model_dir: Pat
 
 
 def read(log: Path) -> str:
-    return log.read_text() if log.exists() else "(no log)"
+    # Several processes append to the log: one's write can split another's multi-byte character (progress bars).
+    return log.read_text(errors="replace") if log.exists() else "(no log)"
 
 
 def wait_for(cluster: SlurmCluster, job: str, log: Path, ready, timeout: float = 600) -> str:
