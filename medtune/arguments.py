@@ -45,6 +45,11 @@ class DataArguments:
     resume: bool = field(
         default=False, metadata={"help": "Resume from the newest complete checkpoint in output_dir, if any."}
     )
+    save_every_minutes: float = field(
+        default=0,
+        metadata={"help": "Also save a checkpoint at the first step end once this many minutes have passed since "
+                  "the last save (a crash then loses at most that much training); 0 turns it off."},
+    )
     generation_eval_samples: int = field(
         default=0,
         metadata={"help": "After training, generate and score this many eval rows per task family mix "

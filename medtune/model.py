@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -37,6 +38,12 @@ def zero3_enabled() -> bool:
     return is_deepspeed_zero3_enabled()
 
 
+def shards_weights(training_args) -> bool:
+    """ZeRO-3 or FSDP (an accelerate FSDP config, or `fsdp` in the recipe): each rank holds a shard of every weight."""
+    fsdp = bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return fsdp or zero3_enabled()
+
+
 def load_tokenizer(recipe_or_path):
     """Starling's tokenizer with eos = <|end_of_turn|>, pad = <|pad_0|> and the chat template set."""
     from transformers import AutoTokenizer
@@ -52,16 +59,16 @@ def load_tokenizer(recipe_or_path):
     return tok
 
 
-def quantization_config(model_args, dtype: torch.dtype):
+def quantization_config(model_args, dtype: torch.dtype, sharded: bool):
     from transformers import BitsAndBytesConfig
 
     if not (model_args.load_in_4bit or model_args.load_in_8bit):
         return None
     if model_args.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
-    # Under ZeRO-3 the 4-bit weights are sharded like any parameter, which needs them stored in a float dtype
-    # equal to the compute dtype (otherwise DeepSpeed cannot flatten them with the rest).
-    storage = model_args.bnb_4bit_quant_storage or (str(dtype).removeprefix("torch.") if zero3_enabled() else "uint8")
+    # Sharded (ZeRO-3, FSDP), the 4-bit weights are flattened together with the layer's other weights into one
+    # tensor of one dtype, so they are stored in a float dtype equal to the compute dtype.
+    storage = model_args.bnb_4bit_quant_storage or (str(dtype).removeprefix("torch.") if sharded else "uint8")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
@@ -78,16 +85,19 @@ def load_model(recipe):
     from transformers import AutoModelForCausalLM
 
     m, t = recipe.model, recipe.training
-    dtype = compute_dtype(m.dtype)
-    quant = quantization_config(m, dtype)
+    dtype, sharded = compute_dtype(m.dtype), shards_weights(t)
+    quant = quantization_config(m, dtype, sharded)
     kwargs = dict(dtype=dtype, quantization_config=quant, attn_implementation=m.attn_implementation or "sdpa",
                   revision=m.model_revision)
-    # A device map pins each rank's copy to its GPU; ZeRO-3 must place (and shard) weights itself.
-    if quant is not None and torch.cuda.is_available() and not zero3_enabled():
+    # A device map pins each rank's copy to its GPU; ZeRO-3 and FSDP place (and shard) the weights themselves.
+    if quant is not None and torch.cuda.is_available() and not sharded:
         kwargs["device_map"] = {"": PartialState().local_process_index}
     model = AutoModelForCausalLM.from_pretrained(m.model_name_or_path, **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and breaks packed-sequence masks
-    if quant is not None and not zero3_enabled():
+    # prepare_model_for_kbit_training casts norms and embeddings to fp32. Not when sharded: FSDP flattens each layer's
+    # parameters (4-bit weights in the compute dtype, norms) into one tensor of one dtype, and ZeRO-3 keeps its own
+    # fp32 master weights. The Trainer turns on gradient checkpointing either way.
+    if quant is not None and not sharded:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=t.gradient_checkpointing,
             gradient_checkpointing_kwargs=t.gradient_checkpointing_kwargs or {"use_reentrant": False},

@@ -1,22 +1,20 @@
-"""Preemptible training: stop at a step boundary on SIGUSR1/SIGTERM, save a full checkpoint, requeue, resume.
+"""Preemptible training: stop at a step boundary with exactly one complete checkpoint, and time-based checkpoints.
 
-Slurm warns a job before it ends it (`#SBATCH --signal=B:USR1@300` in slurm/train.sbatch, SIGTERM on preemption
-or scancel). `PreemptionCallback` turns that signal into "save and stop at the end of this step" on every rank, so
-the checkpoint holds everything the Trainer needs for an exact resume (adapter, optimizer, scheduler, RNG states,
-global step -> data position). `requeue_if_preempted()` then puts the job back in the queue, and the requeued job
-resumes from `find_resume_checkpoint(output_dir)`.
-
-Trainer writes a checkpoint folder piece by piece (weights, optimizer shards of every rank, RNG state per rank,
-trainer_state.json) with no atomic rename, so a job killed mid-save leaves a folder that looks complete but is not.
-After all ranks have saved, rank 0 writes COMPLETE_MARKER into the folder; only marked folders are resumed from.
+Slurm warns a job before it ends it (`#SBATCH --signal=B:USR1@300` in slurm/train.sbatch; SIGTERM on preemption or
+scancel). Every rank records the signal from process start (medtune.stop_signal); `PreemptionCallback` turns it into
+"save and stop at the end of this step" on all ranks together, so the checkpoint holds everything the Trainer needs
+for an exact resume (adapter, optimizer, scheduler, RNG states, global step -> data position). The process then
+exits with EXIT_PREEMPTED, and the batch script, which outlives every rank, requeues the job; the requeued job
+resumes from the newest complete checkpoint (medtune.checkpoints).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,87 +22,119 @@ import torch.distributed as dist
 from accelerate import PartialState
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from medtune.checkpoints import checkpoints
+from medtune import stop_signal
+from medtune.checkpoints import mark_complete, rotate, unmark
 
 logger = logging.getLogger(__name__)
 
-COMPLETE_MARKER = "checkpoint_complete"
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-_preempted = False  # set once the ranks have agreed to stop for a signal
-
-
-def find_resume_checkpoint(output_dir: str) -> str | None:
-    """Newest checkpoint-<step> folder of output_dir whose save finished on every rank, or None."""
-    return next((str(p) for p in checkpoints(output_dir) if (p / COMPLETE_MARKER).is_file()), None)
+# Exit status of a training process that stopped for a signal after a complete checkpoint (or before its first
+# step): "requeue me", as opposed to 1 for a failure. slurm/train.sbatch relies on this value.
+EXIT_PREEMPTED = 3
+# Set by slurm/train.sbatch: its batch shell requeues the job after srun returns, so rank 0 must not.
+BATCH_REQUEUES = "MEDTUNE_BATCH_REQUEUES"
 
 
-def requeue_if_preempted(trainer=None) -> bool:
-    """After training returned: True if it stopped for a signal. Under Slurm, rank 0 also requeues the job."""
-    if not _preempted:
-        return False
+def agree(flags: list[bool], device) -> list[bool]:
+    """Each flag, set if it is set on any rank: one all-reduce on every rank (none in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    tensor = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def stop_requested(device) -> bool:
+    """Whether any rank has received a stop signal. A collective: call it on every rank at the same point."""
+    return agree([stop_signal.received() is not None], device)[0]
+
+
+def requeue_without_batch_shell(is_main: bool) -> None:
+    """After a stop: rank 0 of a Slurm job whose batch script does not requeue it (not slurm/train.sbatch) does."""
     job_id = os.environ.get("SLURM_JOB_ID")
-    main = trainer.is_world_process_zero() if trainer is not None else PartialState().is_main_process
-    if job_id and main:
+    if not job_id:
+        logger.warning("stopped for a signal: checkpoint saved; rerun with --resume true to continue")
+    elif os.environ.get(BATCH_REQUEUES):
+        logger.warning("stopped for a signal: checkpoint saved; the batch script requeues job %s", job_id)
+    elif is_main:
         done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
         if done.returncode == 0:
-            logger.warning("preempted: checkpoint saved, Slurm job %s requeued", job_id)
+            logger.warning("stopped for a signal: checkpoint saved, Slurm job %s requeued", job_id)
         else:  # e.g. submitted with --no-requeue: the checkpoint is still there for a manual resubmit
-            logger.error("preempted: checkpoint saved, but `scontrol requeue %s` failed: %s", job_id,
+            logger.error("stopped for a signal: checkpoint saved, but `scontrol requeue %s` failed: %s", job_id,
                          done.stderr.strip())
-    elif not job_id:
-        logger.warning("preempted: checkpoint saved; rerun with --resume true to continue")
-    return True
 
 
 class PreemptionCallback(TrainerCallback):
-    """Save a full checkpoint and stop at the end of the step during which SIGUSR1/SIGTERM arrived.
+    """Stop for a signal and save on a timer, at step boundaries, on all ranks together; mark checkpoints complete.
 
-    Each rank's handler only records the signal; at every step end the ranks all-reduce (max) that flag, so
-    ranks that did not receive it stop at the same step and join the same collective save. Also marks every
-    finished checkpoint complete (see module docstring), so it must be added to every training run.
+    At every step end the ranks all-reduce two flags at once: "a stop signal arrived on some rank" and
+    "save_every_minutes have passed since the last save on some rank", so ranks that did not receive the signal,
+    or whose clock lags, stop or save at the same step and join the same collective save.
+
+    After a stop nothing but that one save runs: transformers' DefaultFlowCallback asks for an evaluation (and,
+    with save_strategy steps, a save) at the step end, and for both again at the epoch end that the stopped step
+    leads to (`on_epoch_end`, with eval/save_strategy epoch); this callback, added after it, takes those back.
+
+    It also owns `save_total_limit` (build_trainer hands it over): old checkpoints are deleted only after the new one
+    is complete. Add it after every callback that writes into checkpoint folders (the marker must be the last file).
     """
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
-        self.signals = signals
-        self.received: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def _on_signal(self, signum: int, frame) -> None:
-        self.received = signum  # act at the next step boundary, never inside a forward/backward or collective
+    def __init__(self, save_every_minutes: float = 0, save_total_limit: int | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.save_every_minutes = save_every_minutes
+        self.save_total_limit = save_total_limit
+        self.clock = clock
+        self.stopped = False
+        self._last_save = 0.0
+        self._saved_step: int | None = None
+        self._save_started = 0.0
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        global _preempted
-        _preempted = False
-        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.signals}
-
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        # Past the last step a stop signal must stop the process again (a launcher's SIGTERM on shutdown).
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+        self.stopped = False
+        self._last_save = self.clock()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        global _preempted
-        stop = self.received is not None
-        if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([int(stop)], device=args.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
+        due = self.save_every_minutes > 0 and self.clock() - self._last_save >= self.save_every_minutes * 60
+        stop, due = agree([stop_signal.received() is not None, due], args.device)
         if stop:
-            if not _preempted:
-                logger.warning("stop signal (%s) -> saving checkpoint at step %d and stopping",
-                               signal.Signals(self.received).name if self.received else "on another rank",
-                               state.global_step)
-            _preempted = True
-            control.should_save = True
+            received = stop_signal.received()
+            logger.warning("stop signal (%s) -> saving checkpoint at step %d and stopping, without evaluation",
+                           received.name if received else "on another rank", state.global_step)
+            self.stopped = True
             control.should_training_stop = True
+            control.should_evaluate = False
+        control.should_save = control.should_save or stop or due
+        self._before_save(args, state, control)
         return control
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.stopped:
+            control.should_evaluate = False
+        if state.global_step == self._saved_step:  # this step's end saved already (a stop, a timed save)
+            control.should_save = False
+        self._before_save(args, state, control)
+        return control
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._save_started = time.perf_counter()  # a save that follows an evaluation starts now
+
+    def _before_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        if not control.should_save:
+            return
+        if state.is_world_process_zero:
+            unmark(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        PartialState().wait_for_everyone()  # no rank writes into the folder while it still looks complete
+        self._save_started = time.perf_counter()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Every rank has written its part (optimizer shards, RNG state) once all of them are here.
         PartialState().wait_for_everyone()
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
-            (folder / COMPLETE_MARKER).write_text(f"{state.global_step}\n")
+            mark_complete(folder, state.global_step)
+            rotate(args.output_dir, folder, self.save_total_limit)
+        logger.info("checkpoint-%d complete, saved in %.1f s", state.global_step,
+                    time.perf_counter() - self._save_started)
+        self._saved_step = state.global_step
+        self._last_save = self.clock()
         return control

@@ -9,6 +9,8 @@ Same entry point for one process, `accelerate launch` (DDP, DeepSpeed ZeRO-2/3, 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +20,9 @@ from medtune.config import Recipe, recipe_from_command_line
 
 if TYPE_CHECKING:
     from medtune.inference import Completion
+    from medtune.preemption import PreemptionCallback
 
 logger = logging.getLogger("medtune")
-
-EXIT_PREEMPTED = 3  # distinct exit code: the job was preempted, checkpointed and requeued
 
 
 @dataclass
@@ -34,11 +35,10 @@ class TrainResult:
     sample_answer: Completion | None
 
 
-def build_trainer(recipe: Recipe, tokenizer, prepared, model, use_wandb: bool):
+def build_trainer(recipe: Recipe, tokenizer, prepared, model, use_wandb: bool, preemption: PreemptionCallback):
     from trl import SFTTrainer, get_peft_config
 
     from medtune.monitoring import monitoring_callbacks
-    from medtune.preemption import PreemptionCallback
 
     args = recipe.training
     # The data is already tokenized, masked and packed (medtune.data); TRL's padding-free collator turns each
@@ -47,6 +47,8 @@ def build_trainer(recipe: Recipe, tokenizer, prepared, model, use_wandb: bool):
     args.padding_free = args.packing
     if prepared.eval is None:
         args.eval_strategy = "no"
+    # The preemption callback deletes old checkpoints itself, after the new one is complete.
+    preemption.save_total_limit, args.save_total_limit = args.save_total_limit, None
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -54,7 +56,7 @@ def build_trainer(recipe: Recipe, tokenizer, prepared, model, use_wandb: bool):
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         peft_config=get_peft_config(recipe.model),
-        callbacks=[PreemptionCallback(), *monitoring_callbacks(recipe, prepared, use_wandb)],
+        callbacks=[*monitoring_callbacks(recipe, prepared, use_wandb), preemption],  # last: see PreemptionCallback
     )
     if args.deepspeed_plugin is None:
         # TRL stores a quantized model's LoRA weights in bf16. Keep them in fp32 (autocast still computes in
@@ -98,51 +100,81 @@ class Run:
     prepared: object  # medtune.data.PreparedData
     trainer: object  # trl.SFTTrainer
     resume: str | None  # checkpoint to resume from
+    preemption: PreemptionCallback
 
 
 def build_run(recipe: Recipe) -> Run:
-    from medtune import preemption
+    from medtune.checkpoints import find_resume_checkpoint
     from medtune.data import prepare_dataset
     from medtune.model import load_model, load_tokenizer, resolve_precision
     from medtune.monitoring import configure_wandb
+    from medtune.preemption import PreemptionCallback
 
     resolve_precision(recipe.training)
     tokenizer = load_tokenizer(recipe)
     # Before the model and before any collective: one process tokenizes, the others wait on a file lock.
     prepared = prepare_dataset(recipe, tokenizer)
-    resume = preemption.find_resume_checkpoint(recipe.training.output_dir) if recipe.data.resume else None
+    resume = find_resume_checkpoint(recipe.training.output_dir) if recipe.data.resume else None
     if recipe.data.resume:
         logger.info("resuming from %s", resume or "scratch (no complete checkpoint yet)")
     use_wandb = configure_wandb(recipe, resume)
-    trainer = build_trainer(recipe, tokenizer, prepared, load_model(recipe), use_wandb)
-    return Run(tokenizer, prepared, trainer, resume)
+    preemption = PreemptionCallback(recipe.data.save_every_minutes)
+    trainer = build_trainer(recipe, tokenizer, prepared, load_model(recipe), use_wandb, preemption)
+    return Run(tokenizer, prepared, trainer, resume, preemption)
+
+
+def log_cpu_affinity() -> None:
+    """Once per rank: the CPUs this process may run on, which Slurm sets per task (srun --cpus-per-task)."""
+    cpus, allotted = len(os.sched_getaffinity(0)), int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
+    line = (f"rank {os.environ.get('RANK', '0')} on {platform.node()}: CPU affinity {cpus}, "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    if cpus < allotted:
+        logger.warning("%s, below the job's %d CPUs per task (srun without --cpus-per-task?)", line, allotted)
+    else:
+        logger.info(line)
 
 
 def train(recipe: Recipe) -> TrainResult:
-    from medtune import preemption
+    from medtune import preemption, stop_signal
 
-    run = build_run(recipe)
-    tokenizer, prepared, trainer, resume = run.tokenizer, run.prepared, run.trainer, run.resume
-    trainer.train(resume_from_checkpoint=resume)
-    output_dir = Path(recipe.training.output_dir)
-    if preemption.requeue_if_preempted(trainer):
-        return TrainResult(output_dir, trainer.model, None, trainer.state.log_history, True, None)
-    # save_model gathers ZeRO-3 shards before writing, so the adapter is complete on every launcher.
-    trainer.save_model(str(output_dir))
-    trainer.save_state()  # trainer_state.json: medtune-report reads it when there is no W&B run
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(output_dir)
-    # Every rank generates (same inputs): under ZeRO-3 each forward pass needs the shards of all ranks.
-    if recipe.data.generation_eval_samples:
-        evaluate_generations(trainer, tokenizer, prepared, recipe.data.generation_eval_samples)
-    answer = answer_sample(trainer.model, tokenizer, recipe.data.sample_prompt) if recipe.data.sample_prompt else None
-    trainer.accelerator.wait_for_everyone()
-    adapter = output_dir / "adapter_model.safetensors"
-    return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, answer)
+    stop_signal.listen()  # before data preparation and model loading (launch/train.py does it before any import)
+    try:
+        log_cpu_affinity()
+        run = build_run(recipe)
+        tokenizer, prepared, trainer = run.tokenizer, run.prepared, run.trainer
+        output_dir, device = Path(recipe.training.output_dir), trainer.args.device
+        if preemption.stop_requested(device):
+            logger.warning("stop signal before the first step: exiting without training")
+            return TrainResult(output_dir, trainer.model, None, [], True, None)
+        trainer.train(resume_from_checkpoint=run.resume)
+        if run.preemption.stopped:
+            preemption.requeue_without_batch_shell(trainer.is_world_process_zero())
+            # torchrun ends every rank once one exits non-zero: all exit together, after rank 0 has finished W&B.
+            trainer.accelerator.wait_for_everyone()
+            return TrainResult(output_dir, trainer.model, None, trainer.state.log_history, True, None)
+        # save_model gathers ZeRO-3 shards before writing, so the adapter is complete on every launcher.
+        trainer.save_model(str(output_dir))
+        trainer.save_state()  # trainer_state.json: medtune-report reads it when there is no W&B run
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(output_dir)
+        adapter = output_dir / "adapter_model.safetensors"
+        if preemption.stop_requested(device):
+            logger.warning("stop signal after the last step: adapter saved; generation eval and sample answer skipped")
+            return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, None)
+        # Every rank generates (same inputs): under ZeRO-3 each forward pass needs the shards of all ranks.
+        if recipe.data.generation_eval_samples:
+            evaluate_generations(trainer, tokenizer, prepared, recipe.data.generation_eval_samples)
+        prompt = recipe.data.sample_prompt
+        answer = answer_sample(trainer.model, tokenizer, prompt) if prompt else None
+        trainer.accelerator.wait_for_everyone()
+        return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, answer)
+    finally:
+        stop_signal.restore()
 
 
 def main(argv: list[str] | None = None) -> None:
     from medtune.monitoring import setup_logging
+    from medtune.preemption import EXIT_PREEMPTED
 
     recipe = recipe_from_command_line(argv)
     setup_logging(recipe.training)

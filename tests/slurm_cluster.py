@@ -4,7 +4,9 @@ Everything lives under one temporary folder (config, state, spool, logs, munge s
 neither needs nor touches a system Slurm. Both nodes are this machine (NodeHostname = `hostname -s`,
 NodeAddr 127.0.0.1), which is enough to run real multi-node jobs: two `srun` tasks, two SLURM_NODEIDs, a real
 rendezvous between them, signals, requeue (cred_expire=10: a requeued job may restart after 11 s, not 121 s).
-Needs root (slurmd runs jobs as the submitting user) and the packages `slurmctld slurmd slurm-client munge`.
+Tasks are bound to their CPUs (task/affinity, bound to cores as many sites configure it), so a step that is not
+given the job's CPUs runs on one. Needs root (slurmd runs jobs as the submitting user) and the packages
+`slurmctld slurmd slurm-client munge`.
 """
 
 from __future__ import annotations
@@ -87,14 +89,15 @@ SlurmctldLogFile={self.root}/log/slurmctld.log
 SlurmdLogFile={self.root}/log/slurmd-%n.log
 PlugStackConfig={plugstack}
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+TaskPluginParam=Cores
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 MpiDefault=none
 JobRequeue=1
 ReturnToService=2
-KillWait=10
+KillWait=30
 MinJobAge=600
 InactiveLimit=0
 MessageTimeout=20

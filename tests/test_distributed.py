@@ -1,9 +1,10 @@
-"""Multi-process QLoRA training on CPU (2 processes, gloo) under each accelerate config, and exact resume.
+"""Multi-process QLoRA training on CPU (2 processes, gloo) under each accelerate config, preemption and exact resume.
 
 Each run is a real `accelerate launch launch/train.py` of the tiny recipe: DDP, DeepSpeed ZeRO-2 and ZeRO-3
 (4-bit weights stored in the compute dtype and sharded). The saved adapter must be complete (ZeRO-3 keeps only
 a shard of every weight per rank) and equal to what was trained: for DeepSpeed it is checked against the fp32
-weights DeepSpeed itself reconstructs from the optimizer shards of the checkpoint.
+weights DeepSpeed itself reconstructs from the optimizer shards of the checkpoint. FSDP cannot run through
+accelerate on CPU (it selects FSDP only on GPUs); its QLoRA loading is checked with torch's FSDP directly.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from medtune.train import EXIT_PREEMPTED
+from medtune.preemption import EXIT_PREEMPTED
 from conftest import RESUME_RTOL, ROOT, free_port, losses
 
 ACCELERATE = ROOT / "configs" / "accelerate"
@@ -26,8 +27,8 @@ ACCELERATE = ROOT / "configs" / "accelerate"
 pytestmark = pytest.mark.slow
 
 
-def launch_cmd(config: str, args: list[str], processes: int = 2) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / config),
+def launch_cmd(config: str, args: list[str], processes: int = 2, launcher: str = "accelerate.commands.launch"):
+    return [sys.executable, "-m", launcher, "--config_file", str(ACCELERATE / config),
             "--num_processes", str(processes), "--main_process_port", str(free_port()),
             str(ROOT / "launch" / "train.py"), *args]
 
@@ -87,7 +88,7 @@ def test_two_process_qlora_trains_and_saves_full_adapter(config, tiny_args, tiny
     import torch
     from safetensors.torch import load_file
 
-    from medtune.preemption import find_resume_checkpoint
+    from medtune.checkpoints import find_resume_checkpoint
 
     steps, out = 8, tmp_path / "out"
     # The end-of-training generation runs too: under ZeRO-3 it needs every rank in each forward pass.
@@ -128,19 +129,29 @@ def _worker_pids(launcher_pid: int) -> list[int]:
     return [p.pid for p in kids if any("train.py" in part for part in p.cmdline())]
 
 
-def test_preempted_run_resumes_exactly(tiny_args, tmp_path):
-    """SIGUSR1 to ONE rank mid-run: both ranks checkpoint at the same step and exit; the resumed run then logs
-    the same per-step losses as an uninterrupted run (data position, RNG, optimizer and scheduler restored)."""
-    from medtune.preemption import COMPLETE_MARKER, find_resume_checkpoint
+def test_preempted_run_saves_once_and_resumes_exactly(tiny_args, tmp_path):
+    """The reference recipe's strategies (evaluation and a checkpoint per epoch, W&B on, offline), SIGUSR1 to ONE
+    rank mid-epoch: both ranks checkpoint at the same step, with no evaluation and exactly one save (not a second
+    one at the epoch end that the stop leads to), and exit with EXIT_PREEMPTED (which medtune.node_launch keeps).
+    The resumed run then logs the same per-step losses as an uninterrupted run, and the same final eval loss."""
+    from medtune.checkpoints import COMPLETE_MARKER, checkpoints, find_resume_checkpoint, step_of
+    from medtune.monitoring import RUN_ID_FILE
 
-    config, steps = "multi_gpu.yaml", 10
+    config = "multi_gpu.yaml"
+    reference = dict(num_train_epochs=1, max_train_samples=48, max_eval_samples=8, eval_strategy="epoch",
+                     save_strategy="epoch", report_to="wandb")
+
+    def launch(out: Path) -> list[str]:  # max_steps -1: the epoch ends the run
+        return launch_cmd(config, run_args(tiny_args, -1, output_dir=out, resume="true", **reference),
+                          launcher="medtune.node_launch")
+
     straight = tmp_path / "straight"
-    check_ok(subprocess.run(launch_cmd(config, run_args(tiny_args, steps, output_dir=straight)), cwd=ROOT,
-                            env=cpu_env(config), capture_output=True, text=True, timeout=300))
+    check_ok(subprocess.run(launch(straight), cwd=ROOT, env=cpu_env(config), capture_output=True, text=True,
+                            timeout=300))
+    straight_end = Path(find_resume_checkpoint(straight))
 
     out = tmp_path / "preempted"
-    args = run_args(tiny_args, steps, output_dir=out, resume="true")
-    proc = subprocess.Popen(launch_cmd(config, args), cwd=ROOT, env=cpu_env(config), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(launch(out), cwd=ROOT, env=cpu_env(config), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     seen, log = 0, []
     for line in proc.stdout:  # the Trainer prints one metrics dict per logged step
@@ -152,21 +163,69 @@ def test_preempted_run_resumes_exactly(tiny_args, tmp_path):
     assert len(pids) == 2, f"expected 2 training processes, found {pids}"
     os.kill(pids[0], signal.SIGUSR1)
     log += proc.stdout.readlines()
-    # torchrun reports any non-zero worker status as its own failure (1); the workers' statuses are in its report.
-    assert proc.wait(timeout=300) != 0
-    assert re.search(rf"exitcode\s*: {EXIT_PREEMPTED} ", "".join(log)), "".join(log)[-6000:]
+    text = "".join(log)
+    assert proc.wait(timeout=300) == EXIT_PREEMPTED, text[-6000:]
+    stop = re.search(r"stop signal \(SIGUSR1\) -> saving checkpoint at step (\d+)", text)
+    assert stop, text[-6000:]
+    assert "'eval_loss'" not in text[stop.end():], "evaluated after the stop"
 
-    ckpt = find_resume_checkpoint(str(out))
-    assert ckpt is not None, "".join(log)[-6000:]
-    stopped_at = int(Path(ckpt).name.split("-")[1])
-    assert 2 <= stopped_at < steps
-    assert (Path(ckpt) / COMPLETE_MARKER).exists()
-    assert {p.name for p in Path(ckpt).glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    ckpt = Path(find_resume_checkpoint(out))
+    stopped_at = step_of(ckpt)
+    assert stopped_at == int(stop.group(1)) and 2 <= stopped_at < step_of(straight_end)
+    assert checkpoints(out) == [ckpt], "one checkpoint, at the stop"
+    marker = (ckpt / COMPLETE_MARKER).stat().st_mtime_ns
+    newer = [f.name for f in ckpt.rglob("*") if f.is_file() and f.stat().st_mtime_ns > marker]
+    assert not newer, f"written after the completion marker (a second save?): {newer}"
+    assert {p.name for p in ckpt.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert not (out / "adapter_model.safetensors").exists(), "a preempted run must skip the final save"
 
-    check_ok(subprocess.run(launch_cmd(config, args), cwd=ROOT, env=cpu_env(config), capture_output=True,
-                            text=True, timeout=600))
-    expected, resumed = losses(straight / f"checkpoint-{steps}"), losses(out / f"checkpoint-{steps}")
-    assert sorted(resumed) == list(range(1, steps + 1))
-    for step in range(stopped_at + 1, steps + 1):
+    check_ok(subprocess.run(launch(out), cwd=ROOT, env=cpu_env(config), capture_output=True, text=True,
+                            timeout=600))
+    end = Path(find_resume_checkpoint(out))
+    assert end.name == straight_end.name
+    expected, resumed = losses(straight_end), losses(end)
+    assert sorted(resumed) == sorted(expected)
+    for step in range(stopped_at + 1, step_of(end) + 1):
         assert resumed[step] == pytest.approx(expected[step], rel=RESUME_RTOL), (step, resumed, expected)
+    def eval_losses(checkpoint: Path) -> list[float]:
+        history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+        return [e["eval_loss"] for e in history if "eval_loss" in e]
+
+    assert len(eval_losses(end)) == 1
+    assert eval_losses(end) == pytest.approx(eval_losses(straight_end), rel=RESUME_RTOL)
+    assert (end / RUN_ID_FILE).read_text() == (ckpt / RUN_ID_FILE).read_text(), "resumed into another W&B run"
+
+
+def test_fsdp_qlora_has_one_dtype_per_flat_parameter(tiny_model_dir, monkeypatch):
+    """FSDP-QLoRA as the README says: under FSDP the 4-bit weights are stored in the compute dtype (bf16 here, as on
+    GPUs), loaded without a device map and nothing is upcast, so torch's FSDP, with peft's wrap policy as
+    transformers applies it, flattens every unit into one dtype, and trains. accelerate selects FSDP only on GPUs,
+    so FSDP is driven directly here, in one gloo process."""
+    import torch
+    import torch.distributed as dist
+    from peft import get_peft_model
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from trl import get_peft_config
+
+    from medtune.config import parse_recipe
+    from medtune.model import load_model
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        recipe = parse_recipe(["--config", str(ROOT / "configs/recipes/tiny.yaml"), "--model_name_or_path",
+                               str(tiny_model_dir), "--dtype", "bfloat16"])
+        base = load_model(recipe)
+        assert base.hf_quantizer.quantization_config.bnb_4bit_quant_storage == torch.bfloat16
+        assert getattr(base, "hf_device_map", None) is None
+        assert {p.dtype for p in base.parameters()} == {torch.bfloat16}
+        model = get_peft_model(base, get_peft_config(recipe.model))
+        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model),
+                                           use_orig_params=False, device_id=torch.device("cpu"))
+        ids = torch.arange(1, 17).unsqueeze(0)
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        grads = [p.grad for p in wrapped.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads)
+    finally:
+        dist.destroy_process_group()

@@ -81,3 +81,93 @@ def test_generation_with_the_trained_adapter_stops_at_end_of_turn(trained):
     for c in complete(model, tok, conversations, max_new_tokens=32):
         assert c.finish_reason == "stop" and c.completion_tokens < 32
         assert "<|end_of_turn|>" not in c.text
+
+
+def _tiny_recipe(tiny_model_dir, tmp_path, *overrides: str):
+    return parse_recipe([
+        "--config", "configs/recipes/tiny.yaml", "--model_name_or_path", str(tiny_model_dir),
+        "--output_dir", str(tmp_path / "out"), "--data_cache_dir", str(tmp_path / "cache"), "--max_length", "128",
+        "--logging_steps", "1", "--eval_strategy", "no", "--sample_prompt", "", "--generation_eval_samples", "0",
+        *overrides,
+    ])
+
+
+def test_negative_save_every_minutes_is_refused(tiny_model_dir, tmp_path):
+    from medtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="save_every_minutes=-5.0: use minutes > 0, or 0"):
+        _tiny_recipe(tiny_model_dir, tmp_path, "--save_every_minutes", "-5")
+
+
+def test_timed_checkpoints_follow_the_clock(tiny_model_dir, tmp_path):
+    """save_every_minutes=2 on a clock that advances one minute per step: a checkpoint at steps 2, 4 and 6. Step 6
+    also ends the epoch loop (save_strategy epoch), which must not save it a second time; save_total_limit=2 keeps
+    the two newest, deleted only once the new one is complete."""
+    from transformers import TrainerCallback
+
+    from medtune.checkpoints import COMPLETE_MARKER, checkpoints, find_resume_checkpoint
+    from medtune.train import build_run
+
+    class Clock(TrainerCallback):
+        now = 0.0
+
+        def __call__(self) -> float:
+            return self.now
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.now += 60
+
+        def on_save(self, args, state, control, **kwargs):
+            saves.append(state.global_step)
+
+    saves: list[int] = []
+    run = build_run(_tiny_recipe(tiny_model_dir, tmp_path, "--max_steps", "6", "--save_strategy", "epoch",
+                                 "--save_every_minutes", "2", "--save_total_limit", "2"))
+    clock = Clock()
+    run.preemption.clock = clock
+    run.trainer.add_callback(clock)
+    run.trainer.train()
+
+    assert saves == [2, 4, 6]
+    out = tmp_path / "out"
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-6", "checkpoint-4"]
+    assert all((p / COMPLETE_MARKER).is_file() for p in checkpoints(out))
+    assert find_resume_checkpoint(out) == str(out / "checkpoint-6")
+
+
+def test_killed_run_resumes_from_the_last_timed_checkpoint(tiny_model_dir, tmp_path):
+    """SIGKILL (no warning, no handler) after a few timed checkpoints, maybe in the middle of the next one: the rerun
+    resumes from the newest complete checkpoint and trains on from its step to the end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, losses
+    from medtune.checkpoints import find_resume_checkpoint, step_of
+
+    steps, out = 12, tmp_path / "out"
+    args = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", "configs/recipes/tiny.yaml",
+            "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
+            "--data_cache_dir", str(tmp_path / "cache"), "--max_length", "128", "--logging_steps", "1",
+            "--max_steps", str(steps), "--eval_strategy", "no", "--save_strategy", "no",
+            "--save_every_minutes", "0.01", "--sample_prompt", "", "--generation_eval_samples", "0",
+            "--report_to", "none", "--resume", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while (ckpt := find_resume_checkpoint(out)) is None or step_of(ckpt) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, "no timed checkpoint before the run ended"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    last = find_resume_checkpoint(out)
+    assert last is not None and 3 <= step_of(last) < steps
+
+    resumed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert f"resuming from {last}" in resumed.stderr
+    logged = losses(out)  # the final trainer_state.json: the first run's steps up to the checkpoint, then the rerun's
+    assert sorted(logged) == list(range(1, steps + 1))
+    assert (out / "adapter_model.safetensors").exists()
