@@ -173,7 +173,8 @@ def test_malformed_json_array_file_is_counted_not_raised(tmp_path):
     (tmp_path / "data" / "b.json").write_text('[{"instruction": "x", "output": "y"},')  # cut short
     rows, report = read_rows(str(tmp_path / "data"), "train")
     assert len(rows) == 2 and report.rows_read == 3
-    assert dict(report.skipped) == {"invalid_json": 1} and report.examples["invalid_json"] == [str(tmp_path / "data" / "b.json")]
+    assert dict(report.skipped) == {"invalid_json": 1}
+    assert report.examples["invalid_json"] == [str(tmp_path / "data" / "b.json")]
 
 
 def test_non_utf8_bytes_are_counted_not_replaced(tmp_path):

@@ -132,7 +132,8 @@ def build_split(rows: list[dict], report: RowReport, tokenizer, max_length: int,
     stats.skipped = dict(report.skipped)
     stats.skipped_examples = {k: list(v) for k, v in report.examples.items()}
     if stats.rows_kept == 0:
-        raise ValueError(f"no usable rows: {stats.summary('data')}; check the file's columns (instruction, input, output)")
+        raise ValueError(f"no usable rows: {stats.summary('data')}; "
+                         "check the file's columns (instruction, input, output)")
     # Typed Arrow columns: datasets' from_dict infers the types row by row, 3x slower on ~200k rows.
     dataset = datasets.Dataset(pa.table({"input_ids": pa.array(encoded["input_ids"], pa.list_(pa.int32())),
                                          "labels": pa.array(encoded["labels"], pa.list_(pa.int64()))}))

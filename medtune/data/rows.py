@@ -160,7 +160,8 @@ def row_key(row: dict) -> tuple[str, str, str]:
     return row["instruction"], row["input"], row["output"]
 
 
-def read_rows(source: str, split: str, config: str | None = None, limit: int | None = None) -> tuple[list[dict], RowReport]:
+def read_rows(source: str, split: str, config: str | None = None,
+              limit: int | None = None) -> tuple[list[dict], RowReport]:
     """Clean rows of `source` (local file/folder: all rows; hub id: the named split) and the report."""
     report = RowReport()
     if is_local(source):

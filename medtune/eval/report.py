@@ -75,8 +75,8 @@ def write_report(out_dir: str | Path, header: dict, rows: Sequence[Mapping], rep
     with open(out / "eval_predictions.jsonl", "w") as f:
         for i, row in enumerate(rows):
             source, family = source_of(row)
-            record = {"source": source, "family": family, **{k: row.get(k, "") for k in ("instruction", "input", "output")},
-                      "prediction": replies[i]}
+            record = {"source": source, "family": family, "prediction": replies[i],
+                      **{k: row.get(k, "") for k in ("instruction", "input", "output")}}
             if base_replies is not None:
                 record["base_prediction"] = base_replies[i]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

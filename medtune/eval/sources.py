@@ -9,17 +9,18 @@ authors write several rewordings of each task's instruction and pick one at rand
 what every rewording must say, not for one wording; tests/data/medtuned_instructions.json holds every rewording
 of their code, and each must land in its source's family. Tried in order, first match wins:
 
-| source (family)                    | recognised by                                                               |
-|------------------------------------|-----------------------------------------------------------------------------|
-| pmc_llama (qa)                     | PMC-LLaMA's `###Question:` / `###Options:` / `###Context:` / `###Answer:` markers in input or output |
-| i2b2-2010 (re)                     | the masks @problem$ / @test$ / @treatment$, or the relation codes TrIP ... PIP |
-| GAD (re)                           | the masks @GENE$ / @DISEASE$                                               |
-| NER corpora (ner)                  | "BIO" or "named entit..." in the instruction; the corpus by what it tags: i2b2-2012 names its typed labels (PROBLEM, TREATMENT, ...), BC5CDR-chem chemicals, then genes, then diseases |
-| MedNLI (nli)                       | entail.../contradict.../premise/hypothesis/natural language inference, or a `Sentence 1: ... Sentence 2:` input |
-| hoc (classification)               | "hallmark(s)"                                                               |
-| chatdoctor (dialogue)              | a user's or patient's medical/health questions, or a doctor/healthcare role |
-| pmc_llama (qa)                     | "question(s)", "answer...", "yes, no or maybe"                             |
-| other (other)                      | anything else: scored with the free-text metrics and reported, never dropped |
+- pmc_llama (qa): PMC-LLaMA's `###Question:` / `###Options:` / `###Context:` / `###Answer:` markers in the input
+  or the output;
+- i2b2-2010 (re): the masks @problem$ / @test$ / @treatment$, or the relation codes TrIP ... PIP;
+- GAD (re): the masks @GENE$ / @DISEASE$;
+- the NER corpora (ner): "BIO" or "named entit..." in the instruction; the corpus by what it tags: i2b2-2012 names
+  its typed labels (PROBLEM, TREATMENT, ...), BC5CDR-chem chemicals, then genes, then diseases;
+- MedNLI (nli): entail... / contradict... / premise / hypothesis / natural language inference, or a
+  `Sentence 1: ...\nSentence 2: ...` input;
+- hoc (classification): "hallmark(s)";
+- chatdoctor (dialogue): a user, patient or doctor, and medical or health matters;
+- pmc_llama (qa): "question(s)", "answer...", "yes, no or maybe";
+- other: anything else, scored with the free-text metrics and reported, never dropped.
 
 The two gene corpora share one instruction list and the two disease corpora near-identical ones, so from text
 alone their source is reported as "BC2GM|JNLPBA" and "NCBI-disease|BC5CDR-disease".
@@ -65,7 +66,7 @@ _DIALOGUE = (  # both must match: someone asking, and medical help
 _QA = _any(r"\bquestions?\b", r"\banswer", r"\byes,? no,? or maybe\b")
 
 
-def canonical_source(name: str) -> str:
+def _canonical(name: str) -> str:
     """The dataset's spelling of a known source name (matched without case), else the name as given."""
     return _CANONICAL.get(name.strip().lower(), name.strip())
 
@@ -74,7 +75,7 @@ def source_of(row: Mapping[str, str]) -> tuple[str, str]:
     """(source, family) of a row: from its `source` column when it has one, else from its text."""
     given = row.get("source")
     if isinstance(given, str) and given.strip():
-        source = canonical_source(given)
+        source = _canonical(given)
         return source, SOURCE_FAMILY.get(source, "other")
     return _from_text(row.get("instruction") or "", row.get("input") or "", row.get("output") or "")
 
@@ -97,10 +98,6 @@ def _from_text(instruction: str, input_text: str, output: str) -> tuple[str, str
     if _QA.search(instruction):
         return "pmc_llama", "qa"
     return OTHER, "other"
-
-
-def family_of(row: Mapping[str, str]) -> str:
-    return source_of(row)[1]
 
 
 def is_known(source: str) -> bool:
