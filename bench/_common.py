@@ -7,13 +7,10 @@ import json
 import os
 import platform
 import statistics
-import sys
 from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ on the path, not the repo root
-    sys.path.insert(0, str(ROOT))
 
 TINY_DIR = ROOT / ".cache" / "bench" / "tiny-starling"  # own copy: other runs rebuild .cache/tiny-starling
 
@@ -30,15 +27,11 @@ def medtune_recipe(data_file: Path, model_dir: str | Path, cache_dir: Path, outp
     baselines have no eval either), `overrides` as on the training command line."""
     from medtune.config import parse_recipe
 
-    recipe = parse_recipe([
+    return parse_recipe([
         "--config", str(ROOT / "configs/recipes/tiny.yaml"), "--model_name_or_path", str(model_dir),
         "--dataset_name", str(data_file), "--data_cache_dir", str(cache_dir), "--output_dir", str(output_dir),
-        "--max_length", str(max_length),
-        "--eval_dataset_name", str(data_file),  # tiny.yaml names its eval file relative to the repo root
-        *overrides,
-    ])
-    recipe.data.eval_dataset_name, recipe.data.eval_split = None, "none"
-    return recipe
+        "--max_length", str(max_length), *overrides,
+    ], replace={"eval_dataset_name": None, "eval_split": "none"})
 
 
 def interleave(sides: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
@@ -58,7 +51,7 @@ def guarded(run: Callable[[], dict]) -> Callable[[], dict]:
     def call() -> dict:
         try:
             return run()
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - whatever stops one side is reported in its row
             import traceback
 
             traceback.print_exc()

@@ -17,7 +17,7 @@ over --repeats, and each side's ratio to the baseline. The machine is shared: be
 time (`time.process_time`, all of the process's threads) is reported, and `ratio_cpu` (baseline CPU seconds / the
 side's) compares the work done, which other users' load does not change.
 
-    python bench/data_pipeline.py --rows 200000 --repeats 3 --json .cache/bench/data.json
+    python -m bench.data_pipeline --rows 200000 --repeats 3 --json .cache/bench/data.json
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repo root on sys.path)
-from _common import TINY_DIR, interleave, machine, median, medtune_recipe, print_table, tutorial_text, write_json
-
-import synthetic
+from bench import synthetic
+from bench._common import TINY_DIR, interleave, machine, median, medtune_recipe, print_table, tutorial_text, write_json
 
 
 def _real_tokens(dataset, column: str = "input_ids") -> int:

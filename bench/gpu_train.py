@@ -19,14 +19,12 @@ Chunked cross-entropy needs no flag: TRL 1.16 always computes the loss through i
 chunks, on every side (its `chunked_nll` is an alias of `nll`, and it turns Liger's fused linear CE off).
 
 Reported per side: real (non-padding) tokens/s, step time, MFU, peak GPU memory, and ratios to the baseline.
-MFU = useful FLOPs / (step time x peak): 6 x N (linear-layer weights incl. lm_head) per real token plus
-12 x layers x hidden x sum(sample_len^2) for attention (PaLM, appendix B), padding counted as waste. The 6N rule
-counts the base weights' gradient FLOPs, which LoRA does not compute (it computes activation gradients and
-recomputes the forward under checkpointing instead, about the same total).
+MFU is the training log's: medtune.monitoring.FlopModel of the side's own model (4N frozen + 6N LoRA + attention
+per real token, no recompute, padding counted as waste) over the step time and the device's peak.
 
-    python bench/gpu_train.py --seq 512 2048
-    python bench/gpu_train.py --seq 2048 --attn flex_attention --medtune-batch 4 --sides baseline medtune
-    python bench/gpu_train.py --model tiny --allow-cpu --seq 128 --steps 3   # code-path check without a GPU
+    python -m bench.gpu_train --seq 512 2048
+    python -m bench.gpu_train --seq 2048 --attn flex_attention --medtune-batch 4 --sides baseline medtune
+    python -m bench.gpu_train --model tiny --allow-cpu --seq 128 --steps 3   # code-path check without a GPU
 """
 
 from __future__ import annotations
@@ -39,11 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repo root on sys.path)
-from _common import ROOT, guarded, interleave, machine, median, print_table, write_json
-
-import synthetic
-from cpu_train import medtune_trainer, timed_train, tutorial_trainer
+from bench import synthetic
+from bench._common import ROOT, guarded, interleave, machine, median, print_table, write_json
+from bench.training import medtune_trainer, timed_train, tutorial_trainer
 
 SIDES = ("baseline", "trl_packed", "medtune")
 
@@ -96,17 +92,6 @@ def write_random_checkpoint(config: dict, out_dir: Path, shard_bytes: int = 2 <<
     return out_dir
 
 
-def linear_params(config: dict) -> int:
-    """Weights that take part in matmuls per token: attention + MLP projections of every layer, and lm_head."""
-    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
-    return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * config["vocab_size"]
-
-
-def step_flops(config: dict, tokens: int, len_sq: int) -> float:
-    return 6.0 * linear_params(config) * tokens + 12.0 * config["num_hidden_layers"] * config["hidden_size"] * len_sq
-
-
 def medtune_overrides(args) -> tuple[str, ...]:
     """Recipe keys for the medtune side (on top of configs/recipes/tiny.yaml's QLoRA settings)."""
     return ("--dtype", "auto" if args.dtype != "fp32" else "float32",
@@ -150,7 +135,7 @@ def _side(label: str, build, warmup: int) -> dict:
     return result
 
 
-def run_seq(seq: int, args, config: dict, model_dir: Path, data_file: Path, peak: float | None) -> list[dict]:
+def run_seq(seq: int, args, model_dir: Path, data_file: Path, peak: float | None) -> list[dict]:
     from medtune.model import load_tokenizer
 
     rows = [json.loads(line) for line in data_file.open()]
@@ -179,8 +164,7 @@ def run_seq(seq: int, args, config: dict, model_dir: Path, data_file: Path, peak
         if base:
             row["ratio_tokens"] = row["real_tokens_per_s"] / median(base, "real_tokens_per_s")
         if peak:
-            row["mfu"] = median([{"m": step_flops(config, r["timed_tokens"], r["timed_len_sq"]) / r["timed_seconds"]
-                                  / peak} for r in runs], "m")
+            row["mfu"] = median(runs, "model_flops_per_s") / peak
         if "peak_mem_gib" in runs[0]:
             row["peak_mem_gib"] = median(runs, "peak_mem_gib")
             if base:
@@ -245,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     payload = {"benchmark": "gpu_train", "device": device, "peak_tflops": peak and peak / 1e12, "machine": machine(),
                "args": vars(args), "table": []}
     for seq in args.seq:
-        payload["table"] += run_seq(seq, args, config, model_dir, data_file, peak)
+        payload["table"] += run_seq(seq, args, model_dir, data_file, peak)
         write_json(args.json, payload)  # after every seq: a run stopped later keeps what it measured
     print(f"steps {args.steps} (first {args.warmup} untimed), repeats {args.repeats} (median); medtune: "
           f"{args.dtype}, attn {args.attn}, liger {args.liger}, loss {args.loss}, packing {not args.no_packing}, "

@@ -18,7 +18,7 @@ Where the numbers come from (docs/BENCHMARKS.md has the table):
   pmc_llama parts; the mix itself (corpus train sizes where known, ChatDoctor and pmc_llama 50K each per the
   paper, i2b2-2010 the remainder of the 200,252 train rows).
 
-    python bench/synthetic.py --rows 200000 --out .cache/bench/medtuned_synthetic.jsonl
+    python -m bench.synthetic --rows 200000 --out .cache/bench/medtuned_synthetic.jsonl
 """
 
 from __future__ import annotations

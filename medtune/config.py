@@ -1,27 +1,25 @@
-"""Typed recipe configuration: a YAML recipe plus `--key value` overrides, validated before anything heavy runs.
+"""A YAML recipe plus `--key value` overrides -> a validated `Recipe`, before anything heavy runs.
 
-Parsing is TRL's `TrlParser` (the same flat YAML recipes as TRL scripts and alignment-handbook) over three
-dataclasses: our `DataArguments` and `MonitoringArguments`, TRL's `ModelConfig` (model, 4-bit and LoRA keys) and
-TRL's `SFTConfig` (TrainingArguments + SFT keys). `validate` then checks types, files and combinations, so a bad
-recipe fails in a second with one message naming the key and the fix, not after the model has loaded.
+Parsing is TRL's `TrlParser` (the same flat YAML recipes as TRL scripts and alignment-handbook) over the dataclasses
+of medtune.arguments: the recipe's values become the parser's defaults and the command line overrides them. The
+checks here name the key and the fix in one line, so a bad recipe fails in a second, not after the model has loaded.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import os
+import re
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import fields
 from pathlib import Path
 
-from trl import ModelConfig, SFTConfig, TrlParser
+from trl import TrlParser
 
-STARLING = "berkeley-nest/Starling-LM-7B-alpha"
-MEDTUNED = "nlpie/Llama2-MedTuned-Instructions"
-# Every linear projection of a Mistral block, as the reference recipe targets.
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from medtune.arguments import ARGUMENTS, STARLING, Recipe
+
 # Older TRL recipes (and the reference recipe) say max_seq_length; TRL now calls it max_length.
 KEY_ALIASES = {"max_seq_length": "max_length"}
 # The longest fixed part of the chat template (BOS, role prefixes, two end-of-turn ids) in Starling tokens.
@@ -32,103 +30,17 @@ class ConfigError(ValueError):
     """A recipe problem, reported before any model or data is loaded."""
 
 
-@dataclass
-class DataArguments:
-    dataset_name: str = field(
-        default=MEDTUNED,
-        metadata={"help": "Hub dataset id, or a local .jsonl/.json/.parquet/.csv file or a folder of them."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    train_split: str = field(default="train", metadata={"help": "Split used for training."})
-    eval_split: str | None = field(
-        default="validation",
-        metadata={"help": "Split used for evaluation; 'none' disables it. If the dataset lacks it, "
-                  "eval_split_size of the train split is held out instead."},
-    )
-    eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "Separate file/folder/hub id for evaluation (its train split is used)."}
-    )
-    eval_split_size: float = field(
-        default=0.01, metadata={"help": "Fraction of train held out when no eval split exists (0 disables)."}
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many train rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval rows."})
-    overlong: str = field(
-        default="truncate",
-        metadata={"help": "Rows longer than max_length: 'truncate' (the input's end, then the reply's end) or "
-                  "'drop' the row (both counted).",
-                  "choices": ["truncate", "drop"]},
-    )
-    data_cache_dir: str = field(
-        default=".cache/medtune/data", metadata={"help": "Where tokenized + packed datasets are cached."}
-    )
-    resume: bool = field(
-        default=False, metadata={"help": "Resume from the newest complete checkpoint in output_dir, if any."}
-    )
-    generation_eval_samples: int = field(
-        default=0,
-        metadata={"help": "After training, generate and score this many eval rows per task family mix "
-                  "(medtune.eval); 0 turns it off."},
-    )
-    sample_prompt: str = field(
-        default="I have had a fever, a dry cough and a sore throat for three days. What could it be?",
-        metadata={"help": "Question answered by the trained model at the end of training ('' to skip)."},
-    )
-
-
-@dataclass
-class MonitoringArguments:
-    """Weights & Biases and throughput settings (see medtune/monitoring.py)."""
-
-    wandb_project: str | None = field(
-        default=None, metadata={"help": "W&B project; default $WANDB_PROJECT, else 'medtune'."}
-    )
-    wandb_entity: str | None = field(default=None, metadata={"help": "W&B team or user; default $WANDB_ENTITY."})
-    wandb_group: str | None = field(
-        default=None, metadata={"help": "W&B run group (e.g. a sweep or experiment name); default $WANDB_RUN_GROUP."}
-    )
-    wandb_tags: str | None = field(
-        default=None, metadata={"help": "Comma-separated W&B tags, e.g. 'qlora,starling'; default $WANDB_TAGS."}
-    )
-    wandb_name: str | None = field(
-        default=None, metadata={"help": "W&B run name; default run_name, else $WANDB_NAME, else a random name."}
-    )
-    wandb_dir: str | None = field(
-        default=None, metadata={"help": "Folder for W&B files (offline runs land in <dir>/wandb); "
-                                "default $WANDB_DIR, else output_dir."}
-    )
-    log_adapter_artifact: bool = field(
-        default=True, metadata={"help": "Upload the trained LoRA adapter as a W&B 'model' artifact at the end."}
-    )
-    peak_tflops: float | None = field(
-        default=None, metadata={"help": "Peak dense bf16/fp16 TFLOPS of one device, for MFU. Default: looked up "
-                                "from the GPU name; MFU is not logged when unknown (e.g. on CPU)."}
-    )
-
-
-@dataclass
-class Recipe:
-    data: DataArguments
-    model: ModelConfig
-    training: SFTConfig
-    monitoring: MonitoringArguments
-    path: str | None = None
-
-
 class _Parser(TrlParser):
     def error(self, message: str):  # argparse would print the whole usage and exit; one line is clearer
         raise ConfigError(f"{message} (see README.md 'Configuration reference')")
 
 
-def _parser() -> TrlParser:
-    return _Parser((DataArguments, ModelConfig, SFTConfig, MonitoringArguments))
-
-
 def _known_keys() -> set[str]:
-    return {f.name for dc in (DataArguments, ModelConfig, SFTConfig, MonitoringArguments) for f in dataclasses.fields(dc)}
+    return {f.name for dc in ARGUMENTS for f in fields(dc)}
 
 
-def _read_yaml(path: str) -> dict:
+def read_recipe(path: str) -> dict:
+    """The key: value mapping of a recipe file, older key names resolved (KEY_ALIASES)."""
     import yaml
 
     if not Path(path).is_file():
@@ -139,7 +51,7 @@ def _read_yaml(path: str) -> dict:
         raise ConfigError(f"recipe {path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: must be a mapping of key: value")
-    return data
+    return {KEY_ALIASES.get(k, k): v for k, v in data.items()}
 
 
 def _unknown_key_error(key: str, where: str) -> ConfigError:
@@ -167,44 +79,51 @@ def _truthy(value) -> bool:
     return value is True or str(value).lower() in ("true", "1", "yes")
 
 
-def parse_recipe(argv: list[str] | None = None) -> Recipe:
-    """`--config recipe.yaml --key value ...` -> validated Recipe. Raises ConfigError on any problem."""
-    import tempfile
+def parse_recipe(argv: list[str] | None = None, replace: dict | None = None) -> Recipe:
+    """`--config recipe.yaml --key value ...` -> validated Recipe. Raises ConfigError on any problem.
 
-    import yaml
-
+    `replace`: recipe values that take the place of the file's (typed, as in YAML; None unsets a key) before the
+    command line applies, for callers that build on a recipe file programmatically.
+    """
     cli = _cli_pairs(list(sys.argv[1:] if argv is None else argv))
     path = cli.pop("config", None)
-    values = {KEY_ALIASES.get(k, k): v for k, v in (_read_yaml(path) if path else {}).items()}
+    where = f"recipe {path}"
+    values = {**(read_recipe(path) if path else {}), **(replace or {})}
+    env = values.pop("env", {})
+    if not isinstance(env, dict):
+        raise ConfigError(f"{where}: `env` field should be a dict in the YAML file")
     for key in values:
-        if key not in _known_keys() | {"env"}:
-            raise _unknown_key_error(key, f"recipe {path}")
+        if key not in _known_keys():
+            raise _unknown_key_error(key, where)
     for key in cli:
         if key not in _known_keys():
             raise _unknown_key_error(key, "command line")
-    _check_types(values, f"recipe {path}")
+    _check_types(values, where)
     merged = {**values, **cli}
     if _truthy(merged.get("fp16")) and _truthy(merged.get("bf16")):
         raise ConfigError("fp16 and bf16 are both true: set only one of them (bf16 on Ampere or newer GPUs)")
-    # TrlParser reads the (alias-resolved) YAML itself, so it also applies the recipe's `env:` block.
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as tmp:
-        yaml.safe_dump(values, tmp)
-        tmp.flush()
-        args = ["--config", tmp.name] + [x for k, v in cli.items() for x in (f"--{k}", v)]
-        try:
-            data, model, training, monitoring = _parser().parse_args_and_config(args)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    recipe = Recipe(data, model, training, monitoring, path)
+    os.environ.update({key: str(value) for key, value in env.items()})  # TrlParser's `env:` block, as it does it
+    parser = _Parser(ARGUMENTS)
+    parser.set_defaults_with_config(**values)
+    try:
+        parsed = parser.parse_args_into_dataclasses([x for k, v in cli.items() for x in (f"--{k}", v)])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    recipe = Recipe(*parsed, path)
+    _one_module_is_a_list(recipe.model)
     validate(recipe)
     return recipe
 
 
-def recipe_from_command_line(argv: list[str] | None = None) -> Recipe:
-    """For command-line entry points: log to the console, parse the recipe, or exit with its one-line error."""
-    import logging
+def _one_module_is_a_list(model) -> None:
+    # TRL's ModelConfig turns a one-item lora_target_modules into a string, which PEFT matches as a regex against
+    # the full module path ("q_proj" then matches nothing); a plain module name is meant as a one-item list.
+    if isinstance(model.lora_target_modules, str) and re.fullmatch(r"[\w.]+", model.lora_target_modules):
+        model.lora_target_modules = [model.lora_target_modules]
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+def recipe_from_command_line(argv: list[str] | None = None) -> Recipe:
+    """For command-line entry points: the parsed recipe, or exit with its one-line error."""
     try:
         return parse_recipe(argv)
     except ConfigError as err:
@@ -214,7 +133,7 @@ def recipe_from_command_line(argv: list[str] | None = None) -> Recipe:
 def _check_types(values: dict, where: str) -> None:
     """YAML values become argparse defaults, which argparse never type-checks: check them here."""
     hints = {}
-    for dc in (DataArguments, ModelConfig, SFTConfig, MonitoringArguments):
+    for dc in ARGUMENTS:
         hints.update(typing.get_type_hints(dc))
     for key, value in values.items():
         hint = hints.get(key)
@@ -253,6 +172,17 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"overlong={d.overlong!r}: use 'truncate' or 'drop'")
     if not 0 <= d.eval_split_size < 1:
         raise ConfigError(f"eval_split_size={d.eval_split_size}: use a fraction in [0, 1)")
+    if d.eval_split == d.train_split and not d.eval_dataset_name:
+        raise ConfigError(f"eval_split={d.eval_split!r} is also train_split: evaluation would score rows the model "
+                          "trains on; use another split (e.g. validation), eval_dataset_name, or eval_split: none")
+    if d.max_train_samples is not None and d.max_train_samples < 1:
+        raise ConfigError(f"max_train_samples={d.max_train_samples}: use at least 1, or leave it unset for all rows")
+    if d.max_eval_samples is not None and d.max_eval_samples < 0:
+        raise ConfigError(f"max_eval_samples={d.max_eval_samples}: use 0 or more (0: no evaluation), or leave it "
+                          "unset for all rows")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"{key}={getattr(t, key)}: use 1 or more")
     if t.num_train_epochs <= 0 and t.max_steps <= 0:
         raise ConfigError("num_train_epochs and max_steps are both <= 0: set one of them")
     for key in ("dataset_name", "eval_dataset_name"):

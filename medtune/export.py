@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from medtune.chat_format import END_OF_TURN
@@ -57,30 +58,60 @@ def find_training_record(adapter_dir: Path) -> TrainingRecord:
     return TrainingRecord(recipe_file, recipe if isinstance(recipe, dict) else {}, metrics)
 
 
-def model_card(base: str, record: TrainingRecord, dtype: str) -> str:
+# Rendered by huggingface_hub's ModelCard.from_template (jinja2): the metadata block comes from ModelCardData.
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# Starling-LM medical assistant (merged LoRA)
+
+Fine-tuned from `{{ base }}` with a LoRA adapter (medtune), merged into the base weights ({{ dtype }}).
+
+- **Base model:** `{{ base }}`
+- **Training data:** `{{ data }}`
+- **Chat format:** `GPT4 Correct User: {message}<|end_of_turn|>GPT4 Correct Assistant:` (stored as the tokenizer's \
+chat template); generation stops at `<|end_of_turn|>` (id 32000).
+
+## Medical disclaimer
+
+{{ disclaimer }}
+{% if recipe_text %}
+## Training recipe
+
+`{{ recipe_name }}`:
+
+```yaml
+{{ recipe_text }}
+```
+{% endif %}{% if metrics %}
+## Metrics
+
+| metric | value |
+| --- | --- |
+{% for name, value in metrics.items() %}| {{ name }} | {{ value }} |
+{% endfor %}{% endif %}
+## Usage
+
+```bash
+medtune-chat --model <this folder>
+medtune-serve --model <this folder>   # OpenAI-compatible API and web chat on 127.0.0.1:8000
+```
+"""
+
+
+def model_card(base: str, record: TrainingRecord, dtype: str) -> ModelCard:
     data = record.recipe.get("dataset_name", "not recorded")
-    lines = [
-        "---", f"base_model: {base}", "library_name: transformers",
-        "tags: [medical, starling, lora, qlora, medtune]", "pipeline_tag: text-generation", "---", "",
-        "# Starling-LM medical assistant (merged LoRA)", "",
-        f"Fine-tuned from `{base}` with a LoRA adapter (medtune), merged into the base weights ({dtype}).", "",
-        f"- **Base model:** `{base}`", f"- **Training data:** `{data}`",
-        "- **Chat format:** `GPT4 Correct User: {message}<|end_of_turn|>GPT4 Correct Assistant:` "
-        "(stored as the tokenizer's chat template); generation stops at `<|end_of_turn|>` (id 32000).", "",
-        "## Medical disclaimer", "", DISCLAIMER, "",
-    ]
-    if record.recipe_file:
-        lines += ["## Training recipe", "", f"`{record.recipe_file.name}`:", "", "```yaml",
-                  record.recipe_file.read_text().strip(), "```", ""]
-    if record.metrics:
-        lines += ["## Metrics", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                  for k, v in record.metrics.items()]
-        lines.append("")
-    lines += ["## Usage", "", "```bash", "medtune-chat --model <this folder>",
-              "medtune-serve --model <this folder>   # OpenAI-compatible API and web chat on 127.0.0.1:8000",
-              "```", ""]
-    return "\n".join(lines)
+    card_data = ModelCardData(
+        base_model=base, library_name="transformers", pipeline_tag="text-generation",
+        tags=["medical", "starling", "lora", "qlora", "medtune"],
+        datasets=[data] if data.count("/") == 1 and not Path(data).exists() else None,  # hub ids only
+    )
+    return ModelCard.from_template(
+        card_data, template_str=CARD_TEMPLATE, base=base, dtype=dtype, data=data, disclaimer=DISCLAIMER,
+        recipe_name=record.recipe_file.name if record.recipe_file else None,
+        recipe_text=record.recipe_file.read_text().strip() if record.recipe_file else None,
+        metrics={k: f"{v:.4g}" if isinstance(v, float) else v for k, v in record.metrics.items()},
+    )
 
 
 def export(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None,
@@ -104,7 +135,7 @@ def export(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None 
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, max_shard_size=max_shard_size)
     tok.save_pretrained(out)
-    (out / "README.md").write_text(model_card(base, find_training_record(adapter_dir), dtype))
+    model_card(base, find_training_record(adapter_dir), dtype).save(out / "README.md")
     return out
 
 

@@ -59,7 +59,8 @@ def adapter_base(path: str | Path) -> str:
 
 
 def load_tokenizer(path: str | Path, fallback: str | Path | None = None):
-    """Starling tokenizer from `path` (an adapter folder carries one) or else `fallback`; left padding for generation."""
+    """Starling tokenizer from `path` (an adapter folder carries one) or else `fallback`; left padding for
+    generation."""
     try:
         tok = medtune_model.load_tokenizer(path)
     except (OSError, ValueError):
@@ -208,7 +209,7 @@ class TextStream:
         try:
             with torch.inference_mode():
                 model.generate(**kwargs)
-        except BaseException as e:  # re-raised in the consuming thread
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consuming thread
             self._error = e
             self._streamer.end()
 

@@ -143,11 +143,14 @@ def train(recipe: Recipe) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from medtune.monitoring import setup_logging
+
     recipe = recipe_from_command_line(argv)
+    setup_logging(recipe.training)
     result = train(recipe)
     if result.preempted:
         sys.exit(EXIT_PREEMPTED)
-    if result.sample_answer is not None:
+    if result.sample_answer is not None and recipe.training.process_index == 0:
         losses = [e["loss"] for e in result.log_history if "loss" in e]
         if losses:
             print(f"loss: first logged {losses[0]:.4f} -> last logged {losses[-1]:.4f}")

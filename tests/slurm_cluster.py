@@ -3,8 +3,8 @@
 Everything lives under one temporary folder (config, state, spool, logs, munge socket) and uses free ports, so it
 neither needs nor touches a system Slurm. Both nodes are this machine (NodeHostname = `hostname -s`,
 NodeAddr 127.0.0.1), which is enough to run real multi-node jobs: two `srun` tasks, two SLURM_NODEIDs, a real
-rendezvous between them, signals, requeue (cred_expire=10: a requeued job may restart after 11 s, not 121 s). Needs root (slurmd runs jobs as the submitting user) and the packages
-`slurmctld slurmd slurm-client munge`.
+rendezvous between them, signals, requeue (cred_expire=10: a requeued job may restart after 11 s, not 121 s).
+Needs root (slurmd runs jobs as the submitting user) and the packages `slurmctld slurmd slurm-client munge`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ class ClusterUnavailable(RuntimeError):
 def unavailable_reason() -> str | None:
     missing = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
     if missing:
-        return f"Slurm/munge not installed (missing {', '.join(missing)}): apt-get install slurmctld slurmd slurm-client munge"
+        return (f"Slurm/munge not installed (missing {', '.join(missing)}): "
+                "apt-get install slurmctld slurmd slurm-client munge")
     if os.geteuid() != 0:
         return "a local Slurm cluster needs root (slurmd starts jobs as their user)"
     if not MUNGE_KEY.exists():

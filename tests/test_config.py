@@ -1,13 +1,16 @@
-"""Recipe parsing: the reference values, overrides, and one clear error per class of bad recipe."""
+"""Recipe parsing: the reference values, overrides, one clear error per class of bad recipe, and every shipped
+recipe, accelerate and DeepSpeed config loading through the library that reads it."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import yaml
 
-from medtune.config import ALL_LINEAR, ConfigError, parse_recipe
-
 from conftest import ROOT
+from medtune.arguments import ALL_LINEAR
+from medtune.config import ConfigError, parse_recipe
 
 REFERENCE = ROOT / "configs" / "recipes" / "starling_medtuned.yaml"
 
@@ -73,6 +76,12 @@ def _recipe(tmp_path, **changes):
         ({"use_peft": False}, [], r"quantized base model can only be trained with LoRA"),
         ({"lora_dropout": 1.5}, [], r"LoRA settings .* dropout in \[0, 1\)"),
         ({"overlong": "squash"}, [], r"overlong"),
+        ({}, ["--per_device_train_batch_size", "0"], r"^per_device_train_batch_size=0: use 1 or more$"),
+        ({"gradient_accumulation_steps": 0}, [], r"^gradient_accumulation_steps=0: use 1 or more$"),
+        ({"eval_split": "train"}, [], r"^eval_split='train' is also train_split: .* eval_split: none$"),
+        ({}, ["--max_train_samples", "-5"], r"^max_train_samples=-5: use at least 1"),
+        ({"max_eval_samples": -1}, [], r"^max_eval_samples=-1: use 0 or more"),
+        ({"env": ["A=1"]}, [], r"`env` field should be a dict"),
     ],
 )
 def test_bad_recipes_fail_with_the_key_and_the_fix(tmp_path, changes, argv, expected):
@@ -89,15 +98,103 @@ def test_missing_and_malformed_recipe_files(tmp_path):
         parse_recipe(["--config", str(bad)])
 
 
-def test_bad_recipe_fails_before_any_model_or_data_is_loaded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("changes, argv, expected", [
+    ({"lora_alpah": 16}, [], "unknown key 'lora_alpah'"),
+    ({}, ["--per_device_train_batch_size", "0"], "per_device_train_batch_size=0"),
+    ({}, ["--eval_split", "train"], "eval_split='train' is also train_split"),
+    ({}, ["--max_eval_samples", "-1"], "max_eval_samples=-1"),
+])
+def test_bad_recipe_fails_before_any_model_or_data_is_loaded(tmp_path, monkeypatch, changes, argv, expected):
     import transformers
 
+    import medtune.data
+
     def forbidden(*args, **kwargs):
-        raise AssertionError("model loading started before the recipe was validated")
+        raise AssertionError("loading started before the recipe was validated")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", forbidden)
+    monkeypatch.setattr(medtune.data, "prepare_dataset", forbidden)
     from medtune.train import main
 
-    with pytest.raises(SystemExit, match="unknown key 'lora_alpah'"):
-        main(_recipe(tmp_path, lora_alpah=16))
+    with pytest.raises(SystemExit, match=expected):
+        main(_recipe(tmp_path, **changes) + argv)
+
+
+@pytest.mark.parametrize("changes, argv", [({}, ["--lora_target_modules", "q_proj"]),
+                                           ({"lora_target_modules": "q_proj"}, []),
+                                           ({"lora_target_modules": ["q_proj"]}, [])])
+def test_one_lora_target_module_is_a_list(tmp_path, changes, argv):
+    """TRL turns a one-item list into a string, which PEFT would match as a regex against the full module path."""
+    assert parse_recipe(_recipe(tmp_path, **changes) + argv).model.lora_target_modules == ["q_proj"]
+
+
+def test_lora_target_modules_keywords_and_regexes_stay_strings(tmp_path):
+    for value in ("all-linear", r".*\.(q|v)_proj"):
+        assert parse_recipe(_recipe(tmp_path, lora_target_modules=value)).model.lora_target_modules == value
+
+
+def test_env_block_is_set_and_replace_unsets_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTUNE_TEST_ENV", "restored after the test")
+    argv = _recipe(tmp_path, env={"MEDTUNE_TEST_ENV": 7}, eval_dataset_name="data/sample/medtuned_sample_eval.jsonl")
+    recipe = parse_recipe(argv, replace={"eval_dataset_name": None, "lora_r": 4})
+    assert os.environ["MEDTUNE_TEST_ENV"] == "7"
+    assert recipe.data.eval_dataset_name is None and recipe.model.lora_r == 4
+    assert parse_recipe(argv + ["--lora_r", "2"], replace={"lora_r": 4}).model.lora_r == 2  # the command line wins
+
+
+# ---- Every shipped config loads through the library that reads it ------------------------------------------------
+
+CONFIGS = ROOT / "configs"
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_parses_and_validates(path, tiny_model_dir, monkeypatch):
+    from medtune.config import read_recipe
+
+    monkeypatch.chdir(ROOT)  # recipes name their data relative to the repository root
+    local_model = read_recipe(str(path))["model_name_or_path"].startswith(".")  # the demo model `make demo` builds
+    recipe = parse_recipe(["--config", str(path)],
+                          replace={"model_name_or_path": str(tiny_model_dir)} if local_model else None)
+    assert recipe.path == str(path) and recipe.model.use_peft and recipe.training.output_dir
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_accelerate_config_loads(path):
+    """accelerate's own loader, and every nested key is an option `accelerate launch` copies it to."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import DistributedType
+
+    config = load_config_from_file(str(path))
+    options = {action.dest for action in launch_command_parser()._actions}
+    for key in config.deepspeed_config or {}:
+        assert key in options, key
+    for key in config.fsdp_config or {}:
+        assert (key if key.startswith("fsdp") else f"fsdp_{key}") in options, key
+    if config.distributed_type == DistributedType.DEEPSPEED:
+        assert (ROOT / config.deepspeed_config["deepspeed_config_file"]).is_file()
+    assert config.num_processes >= config.num_machines >= 1
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_every_deepspeed_config_is_valid_once_the_trainer_fills_auto(path):
+    """transformers fills the "auto" values from the reference recipe and the model; DeepSpeed's own config class
+    then validates the result (unknown keys, batch-size arithmetic, ZeRO settings)."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import MistralConfig, MistralForCausalLM
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from medtune.tiny import STARLING_CONFIG
+
+    args = parse_recipe(["--config", str(REFERENCE)]).training
+    with torch.device("meta"):
+        model = MistralForCausalLM(MistralConfig(**STARLING_CONFIG))
+    hf_config = HfTrainerDeepSpeedConfig(str(path))
+    hf_config.trainer_config_process(args)
+    hf_config.trainer_config_finalize(args, model, num_training_steps=100)
+    config = DeepSpeedConfig(hf_config.config)
+    assert config.zero_optimization_stage == int(path.stem.removeprefix("zero")[0])
+    assert config.train_micro_batch_size_per_gpu == args.per_device_train_batch_size

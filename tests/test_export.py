@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,6 +69,9 @@ def test_merged_export_matches_adapter_on_base(adapter_dir, tiny_model_dir, tmp_
     for expected in (f"base_model: {tiny_model_dir}", DISCLAIMER, "data/sample/medtuned_sample.jsonl",
                      "lora_r: 8", "| eval_loss | 2.5 |"):
         assert expected in card
+    metadata = ModelCard.load(out / "README.md").data  # the Hub's own reader of the card's metadata
+    assert (metadata.base_model, metadata.pipeline_tag) == (str(tiny_model_dir), "text-generation")
+    assert "medical" in metadata.tags and metadata.datasets is None  # a local data file is no Hub dataset id
 
 
 def test_cli_bf16_export_loads(adapter_dir, tmp_path, capsys):

@@ -16,8 +16,8 @@ from trl import ModelConfig, SFTConfig
 
 from conftest import ROOT, free_port
 from medtune import monitoring
-from medtune.config import DataArguments, MonitoringArguments, Recipe
-from medtune.monitoring import FlopModel, RankLogFilter, ThroughputCallback, batch_counts, peak_flops
+from medtune.arguments import DataArguments, MonitoringArguments, Recipe
+from medtune.monitoring import FlopModel, ThroughputCallback, batch_counts, peak_flops
 
 PAD = 31
 TINY = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -44,18 +44,29 @@ def expected_counts(config: dict, r: int = 4) -> tuple[int, int]:
 
 def test_flop_formula_by_hand():
     flops = FlopModel(n_base=1000, n_lora=10, n_layers=2, hidden=8)
-    assert flops.per_token(seq_len=5) == 4 * 1000 + 6 * 10 + 12 * 2 * 8 * 5
-    recompute = FlopModel(n_base=1000, n_lora=10, n_layers=2, hidden=8, recompute=True)
-    assert recompute.per_token(5) == flops.per_token(5) + 2 * 1000 + 2 * 10 + 4 * 2 * 8 * 5
+    assert flops.batch(tokens=5, sum_sq_lengths=5**2) == 5 * (4 * 1000 + 6 * 10 + 12 * 2 * 8 * 5)
     # Two samples of lengths 3 and 5: every token pays for attention over its own sample only.
-    assert flops.batch(tokens=8, sum_sq_lengths=3**2 + 5**2) == 3 * flops.per_token(3) + 5 * flops.per_token(5)
+    assert flops.batch(tokens=8, sum_sq_lengths=3**2 + 5**2) == flops.batch(3, 3**2) + flops.batch(5, 5**2)
 
 
 def test_flop_model_counts_base_and_lora_parameters():
     model = lora_model()
-    flops = FlopModel.from_model(model, recompute=True)
+    flops = FlopModel.from_model(model)
     assert (flops.n_base, flops.n_lora) == expected_counts(TINY)
-    assert (flops.n_layers, flops.hidden, flops.recompute) == (2, 16, True)
+    assert (flops.n_layers, flops.hidden) == (2, 16)
+
+
+def test_flop_model_of_starling_7b():
+    """Starling-LM-7B-alpha's shape (on the meta device): every linear weight incl. lm_head, plus the norms."""
+    from medtune.tiny import STARLING_CONFIG
+
+    with torch.device("meta"):
+        model = MistralForCausalLM(MistralConfig(**STARLING_CONFIG))
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    norms = (2 * STARLING_CONFIG["num_hidden_layers"] + 1) * STARLING_CONFIG["hidden_size"]
+    flops = FlopModel.from_model(model.requires_grad_(False))
+    assert (flops.n_base, flops.n_lora) == (linear + norms, 0)
+    assert 7.0e9 < linear < 7.2e9
 
 
 def test_flop_model_counts_4bit_weights_at_full_size(tmp_path):
@@ -70,7 +81,7 @@ def test_flop_model_counts_4bit_weights_at_full_size(tmp_path):
     model = get_peft_model(prepare_model_for_kbit_training(base, use_gradient_checkpointing=False),
                            LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
     assert any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
-    flops = FlopModel.from_model(model, recompute=False)
+    flops = FlopModel.from_model(model)
     assert (flops.n_base, flops.n_lora) == expected_counts(config)
 
 
@@ -141,8 +152,7 @@ def test_throughput_callback_metrics(tmp_path):
         assert log["tokens_per_second_per_device"] == log["tokens_per_second"]  # one process
         assert log["packing_efficiency"] == pytest.approx(12 / 16)
         assert 0 < log["mfu"] < 1
-        recompute = args.activation_checkpointing  # TRL turns it on by default
-        flops = FlopModel.from_model(model, recompute=recompute).batch(2 * 12, 2 * (9 + 16 + 25))
+        flops = FlopModel.from_model(model).batch(2 * 12, 2 * (9 + 16 + 25))
         assert log["mfu"] == pytest.approx(flops / (2 * log["step_time"] * 1e12))
         assert log["memory_peak_gb"] >= log["memory_gb"] > 0
         assert log["step_time"] > 0 and log["eta_seconds"] >= 0
@@ -153,21 +163,11 @@ def test_throughput_callback_metrics(tmp_path):
 
 
 def test_no_mfu_without_known_peak(tmp_path):
-    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=1, max_length=4, report_to="none", bf16=False)
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=1, max_length=4, report_to="none",
+                     bf16=False)
     batch = {"input_ids": torch.tensor([[1, 2, 3, 4]])}
     logs = drive(ThroughputCallback(), lora_model(), [batch] * 2, args, TrainerState(max_steps=2))
     assert "mfu" not in logs[0] and logs[0]["tokens_per_second"] > 0
-
-
-def test_rank_filter_drops_info_and_prefixes_warnings():
-    def record(level):
-        return logging.LogRecord("x", level, __file__, 1, "hello", None, None)
-
-    assert RankLogFilter(0).filter(record(logging.INFO))
-    assert not RankLogFilter(1).filter(record(logging.INFO))
-    warning = record(logging.WARNING)
-    assert RankLogFilter(1).filter(warning) and RankLogFilter(1).filter(warning)
-    assert warning.getMessage() == "[rank 1] hello"
 
 
 def make_recipe(tmp_path, report_to="wandb", resume=False, **monitoring_args) -> Recipe:
@@ -245,8 +245,9 @@ RUN = ["--max_steps", "6", "--logging_steps", "2", "--eval_steps", "3", "--save_
        "--save_steps", "3", "--sample_prompt", "", "--peak_tflops", "1"]
 
 
-def launch(args: list[str], tmp_path, processes: int = 1, **env) -> str:
-    """Run launch/train.py (under `accelerate launch` for several CPU processes); returns its output."""
+def launch_machines(args: list[str], tmp_path, processes: int = 1, machines: int = 1, **env) -> list[str]:
+    """Run launch/train.py (under `accelerate launch` for several CPU processes, one launcher per machine, all on
+    this host); returns the output of each machine."""
     import subprocess
     import sys
 
@@ -255,15 +256,23 @@ def launch(args: list[str], tmp_path, processes: int = 1, **env) -> str:
            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-home"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-home"),
            "WANDB_DATA_DIR": str(tmp_path / "wandb-home"), "OMP_NUM_THREADS": "1", **env}
     if processes > 1:  # `--cpu` would start a single process: torchrun-style launch + a CPU Trainer instead
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "launch/train.py", *args, "--use_cpu", "true"]
+        port = free_port()
+        cmds = [[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                 "--num_machines", str(machines), "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                 "launch/train.py", *args, "--use_cpu", "true"] for rank in range(machines)]
     else:
-        cmd = [sys.executable, "launch/train.py", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    return output
+        cmds = [[sys.executable, "launch/train.py", *args]]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in cmds]
+    outputs = [proc.communicate(timeout=900)[0] for proc in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-4000:]
+    return outputs
+
+
+def launch(args: list[str], tmp_path, processes: int = 1, **env) -> str:
+    return "".join(launch_machines(args, tmp_path, processes, **env))
 
 
 def run_dirs(tmp_path):
@@ -307,9 +316,10 @@ def test_two_process_run_logs_one_wandb_run_with_throughput_metrics(tiny_args, t
     assert (out / "checkpoint-3" / "wandb_run_id.txt").read_text() == run_id
     assert json.loads((out / "run_info.json").read_text())["hardware"]["world_size"] == 2
 
-    # Non-main ranks print warnings only, marked with their rank.
+    # Non-main ranks print warnings only, marked with their rank; the metric lines are printed once.
     assert not [line for line in output.splitlines() if "[rank 1]" in line and " INFO " in line]
     assert output.count("W&B run ") == 1
+    assert output.count("{'loss': ") == 3 and output.count("{'eval_loss': ") == 2
 
     # The report of the output_dir plots exactly the logged losses (compared with the checkpoint's trainer state).
     report_main(["--run", str(out)])
@@ -320,6 +330,23 @@ def test_two_process_run_logs_one_wandb_run_with_throughput_metrics(tiny_args, t
     assert plotted["loss"] == ([r["step"] for r in losses], [r["loss"] for r in losses])
     assert plotted["eval_loss"][1] == [r["eval_loss"] for r in logged if "eval_loss" in r]
     assert plotted["tokens_per_second"][1] == [r["tokens_per_second"] for r in train]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("disable_tqdm", ["false", "true"])
+def test_two_node_run_prints_metrics_and_answer_once(tiny_args, tmp_path, disable_tqdm):
+    """Two machines with one process each, so that every rank is its node's local rank 0: only global rank 0
+    prints the metric lines, the progress bar and the sample answer; rank 1 prints warnings only, marked."""
+    args = [*tiny_args, *RUN, "--max_steps", "4", "--eval_strategy", "no", "--save_strategy", "no",
+            "--report_to", "none", "--sample_prompt", "I have a cough.", "--disable_tqdm", disable_tqdm]
+    node0, node1 = launch_machines(args, tmp_path, processes=2, machines=2)
+    assert node0.count("{'loss': ") == 2 and node0.count("'train_runtime': ") == 1
+    assert node0.count("model answer: ") == 1 and node0.count("adapter saved to: ") == 1
+    assert ("| 4/4 [" in node0) == (disable_tqdm == "false")  # the training progress bar
+    for shown_on_rank_0 in ("{'", "model answer", "it/s]", " INFO "):  # metrics, answer, any progress bar, info
+        assert shown_on_rank_0 not in node1, shown_on_rank_0
+    rank1 = [line for line in node1.splitlines() if line.startswith("[rank 1] ")]
+    assert rank1 and all(" WARNING " in line or " ERROR " in line for line in rank1)
 
 
 @pytest.mark.slow

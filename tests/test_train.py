@@ -52,7 +52,8 @@ def test_adapter_is_complete_and_reloads_to_the_same_logits(trained):
     assert len(tensors) == 2 * 7 * 2
     assert all(t.numel() > 0 for t in tensors.values())
     assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
-    assert (result.output_dir / "adapter_config.json").exists() and (result.output_dir / "tokenizer_config.json").exists()
+    assert (result.output_dir / "adapter_config.json").exists()
+    assert (result.output_dir / "tokenizer_config.json").exists()
 
     reloaded = PeftModel.from_pretrained(load_model(recipe), result.output_dir).eval()
     trained_model = result.model.eval()

@@ -12,6 +12,9 @@ def main(argv: list[str] | None = None) -> None:
     recipe = recipe_from_command_line(argv)
     from medtune.model import load_tokenizer
     from medtune.data import prepare_dataset
+    from medtune.monitoring import setup_logging
+
+    setup_logging(recipe.training)
 
     prepared = prepare_dataset(recipe, load_tokenizer(recipe))
     print(prepared.stats.summary("train"))

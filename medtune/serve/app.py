@@ -118,7 +118,7 @@ def parse_request(body: bytes) -> ChatRequest:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         raise APIError(400, f"invalid request: {param}: {err['msg']}" if param else f"invalid request: "
-                                                                                    f"{err['msg']}", param)
+                                                                                    f"{err['msg']}", param) from e
 
 
 def sse(data: dict | str) -> str:

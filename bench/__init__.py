@@ -1,0 +1,1 @@
+"""medtune's benchmarks, each run from the repository root as `python -m bench.<name>` (bench/README.md)."""

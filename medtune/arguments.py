@@ -1,0 +1,99 @@
+"""The recipe's typed settings: medtune's own dataclasses next to TRL's `ModelConfig` and `SFTConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, SFTConfig
+
+STARLING = "berkeley-nest/Starling-LM-7B-alpha"
+MEDTUNED = "nlpie/Llama2-MedTuned-Instructions"
+# Every linear projection of a Mistral block, as the reference recipe targets.
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default=MEDTUNED,
+        metadata={"help": "Hub dataset id, or a local .jsonl/.json/.parquet/.csv file or a folder of them."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    eval_split: str | None = field(
+        default="validation",
+        metadata={"help": "Split used for evaluation; 'none' disables it. If the dataset lacks it, "
+                  "eval_split_size of the train split is held out instead."},
+    )
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Separate file/folder/hub id for evaluation (its train split is used)."}
+    )
+    eval_split_size: float = field(
+        default=0.01, metadata={"help": "Fraction of train held out when no eval split exists (0 disables)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many train rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval rows."})
+    overlong: str = field(
+        default="truncate",
+        metadata={"help": "Rows longer than max_length: 'truncate' (the input's end, then the reply's end) or "
+                  "'drop' the row (both counted).",
+                  "choices": ["truncate", "drop"]},
+    )
+    data_cache_dir: str = field(
+        default=".cache/medtune/data", metadata={"help": "Where tokenized + packed datasets are cached."}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Resume from the newest complete checkpoint in output_dir, if any."}
+    )
+    generation_eval_samples: int = field(
+        default=0,
+        metadata={"help": "After training, generate and score this many eval rows per task family mix "
+                  "(medtune.eval); 0 turns it off."},
+    )
+    sample_prompt: str = field(
+        default="I have had a fever, a dry cough and a sore throat for three days. What could it be?",
+        metadata={"help": "Question answered by the trained model at the end of training ('' to skip)."},
+    )
+
+
+@dataclass
+class MonitoringArguments:
+    """Weights & Biases and throughput settings (see medtune/monitoring/)."""
+
+    wandb_project: str | None = field(
+        default=None, metadata={"help": "W&B project; default $WANDB_PROJECT, else 'medtune'."}
+    )
+    wandb_entity: str | None = field(default=None, metadata={"help": "W&B team or user; default $WANDB_ENTITY."})
+    wandb_group: str | None = field(
+        default=None, metadata={"help": "W&B run group (e.g. a sweep or experiment name); default $WANDB_RUN_GROUP."}
+    )
+    wandb_tags: str | None = field(
+        default=None, metadata={"help": "Comma-separated W&B tags, e.g. 'qlora,starling'; default $WANDB_TAGS."}
+    )
+    wandb_name: str | None = field(
+        default=None, metadata={"help": "W&B run name; default run_name, else $WANDB_NAME, else a random name."}
+    )
+    wandb_dir: str | None = field(
+        default=None, metadata={"help": "Folder for W&B files (offline runs land in <dir>/wandb); "
+                                "default $WANDB_DIR, else output_dir."}
+    )
+    log_adapter_artifact: bool = field(
+        default=True, metadata={"help": "Upload the trained LoRA adapter as a W&B 'model' artifact at the end."}
+    )
+    peak_tflops: float | None = field(
+        default=None, metadata={"help": "Peak dense bf16/fp16 TFLOPS of one device, for MFU. Default: looked up "
+                                "from the GPU name; MFU is not logged when unknown (e.g. on CPU)."}
+    )
+
+
+@dataclass
+class Recipe:
+    data: DataArguments
+    model: ModelConfig
+    training: SFTConfig
+    monitoring: MonitoringArguments
+    path: str | None = None
+
+
+# The dataclasses a recipe's keys belong to, in the order Recipe's fields take them.
+ARGUMENTS = (DataArguments, ModelConfig, SFTConfig, MonitoringArguments)

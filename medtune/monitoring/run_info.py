@@ -1,0 +1,51 @@
+"""The run manifest: recipe, library versions, commit, hardware and data counts of a training run."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+RUN_INFO_FILE = "run_info.json"
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "deepspeed", "datasets", "wandb")
+
+
+def run_info(recipe, prepared) -> dict:
+    """Everything needed to reproduce or compare a run: recipe, versions, commit, hardware and data counts."""
+    from accelerate import PartialState
+
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        git = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
+                             timeout=10, cwd=Path(__file__).resolve().parent)
+        commit = git.stdout.strip() if git.returncode == 0 else None  # None outside a repo or before a commit
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    world = PartialState().num_processes
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    stats = prepared.stats.as_dict() if prepared is not None else {}
+    return {
+        "recipe": {
+            "path": recipe.path,
+            "data": dataclasses.asdict(recipe.data),
+            "model": dataclasses.asdict(recipe.model),
+            "training": recipe.training.to_dict(),
+            "monitoring": dataclasses.asdict(recipe.monitoring),
+        },
+        "versions": {"python": platform.python_version(), **versions},
+        "git_commit": commit,
+        "hardware": {"gpus": gpus, "gpus_per_node": len(gpus), "world_size": world,
+                     "nodes": max(world // max(local, 1), 1), "host": platform.node()},
+        "data": stats,
+    }
