@@ -80,13 +80,14 @@ def answer_sample(model, tokenizer, prompt: str) -> Completion:
 def evaluate_generations(trainer, tokenizer, prepared, samples: int) -> None:
     """Score generated replies on eval rows per task family and log them with the training metrics."""
     from medtune.data.pipeline import EVAL_ROWS
-    from medtune.eval.run import evaluate_generation, load_rows, select_rows
+    from medtune.eval.generate import evaluate_generation
+    from medtune.eval.select import load_rows, select_rows
 
     path = prepared.cache_dir / EVAL_ROWS
     if not path.exists():
         logger.warning("generation_eval_samples=%d but the recipe has no eval split: skipped", samples)
         return
-    rows = select_rows(load_rows(str(path)), samples, seed=trainer.args.seed)
+    rows = select_rows(load_rows(str(path))[0], samples, seed=trainer.args.seed)
     metrics = evaluate_generation(trainer.model, tokenizer, rows, batch_size=trainer.args.per_device_eval_batch_size)
     logger.info("generation eval on %d rows: %s", len(rows), ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()))
     trainer.log(metrics)

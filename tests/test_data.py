@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -93,9 +94,11 @@ def test_overlong_rows_keep_the_template_and_a_reply(tok):
 def test_sample_packs_efficiently_with_prompt_masked(tiny_args, tok):
     prepared = prepare_dataset(parse_recipe(tiny_args), tok)
     s = prepared.stats
-    assert s.rows_kept == s.rows_read > 300 and not s.skipped
+    assert s.rows_kept == s.rows_read == 203 and not s.skipped and s.duplicates == 0 and s.truncated == 0
     assert s.packing_efficiency >= 0.95
-    assert prepared.eval_stats.rows_kept > 50
+    assert prepared.eval_stats.rows_kept == 58 and prepared.eval_stats.shared_with_train == 0
+    eval_rows = [json.loads(line) for line in (prepared.cache_dir / pipeline.EVAL_ROWS).read_text().splitlines()]
+    assert len(eval_rows) == 58 and all(set(r) == {"instruction", "input", "output", "source"} for r in eval_rows)
     eot = tok.convert_tokens_to_ids("<|end_of_turn|>")
     for row in prepared.train.select(range(5)):
         assert sum(row["seq_lengths"]) == len(row["input_ids"]) <= 512
@@ -130,5 +133,131 @@ def test_cache_hit_on_second_run_and_invalidation(tiny_args, tok, monkeypatch, t
 def test_eval_split_held_out_when_missing(tiny_args, tok, sample_train_file):
     prepared = prepare_dataset(parse_recipe(tiny_args + ["--eval_dataset_name", "", "--eval_split_size", "0.1"]), tok)
     n_rows = sum(1 for _ in open(sample_train_file))
-    assert prepared.eval_stats.rows_kept == int(n_rows * 0.1)
+    assert prepared.eval_stats.rows_kept == int(n_rows * 0.1) == 20 and prepared.stats.moved_to_train == 0
     assert prepared.stats.rows_kept + prepared.eval_stats.rows_kept == n_rows
+
+
+# -- bad input that must be counted, never crash and never change silently ----------------------------------
+
+ROW = {"instruction": "Name the disease.", "input": "Fever and rash.", "output": "Measles."}
+
+
+def _jsonl(path, records) -> str:
+    path.write_bytes(b"".join(r if isinstance(r, bytes) else json.dumps(r, ensure_ascii=False).encode() + b"\n"
+                              for r in records))
+    return str(path)
+
+
+def test_json_lines_split_on_newline_only(tmp_path):
+    inside = {**ROW, "input": "line\u2028separator, paragraph\u2029separator and next\u0085line"}
+    rows, report = read_rows(_jsonl(tmp_path / "u.jsonl", [ROW, inside, ROW | {"input": "x"}]), "train")
+    assert report.rows_read == 3 and len(rows) == 3 and not report.skipped
+    assert rows[1]["input"] == inside["input"]
+
+
+def test_utf8_byte_order_mark_is_dropped_and_noted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROW).encode() + b"\n" + json.dumps(ROW | {"input": "x"}).encode())
+    rows, report = read_rows(str(path), "train")
+    assert len(rows) == 2 and not report.skipped and report.notes == {"utf8_bom": 1}
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([ROW, ROW | {"input": "y"}]).encode())
+    rows, report = read_rows(str(array), "train")
+    assert len(rows) == 2 and report.notes == {"utf8_bom": 1}
+
+
+def test_malformed_json_array_file_is_counted_not_raised(tmp_path):
+    good = tmp_path / "data" / "a.json"
+    good.parent.mkdir()
+    good.write_text(json.dumps([ROW, ROW | {"input": "2"}]))
+    (tmp_path / "data" / "b.json").write_text('[{"instruction": "x", "output": "y"},')  # cut short
+    rows, report = read_rows(str(tmp_path / "data"), "train")
+    assert len(rows) == 2 and report.rows_read == 3
+    assert dict(report.skipped) == {"invalid_json": 1}
+    assert report.examples["invalid_json"] == [str(tmp_path / "data" / "b.json")]
+
+
+def test_non_utf8_bytes_are_counted_not_replaced(tmp_path):
+    latin1 = json.dumps(ROW | {"input": "caf\u00e9"}, ensure_ascii=False).encode("latin-1") + b"\n"
+    path = _jsonl(tmp_path / "bytes.jsonl", [ROW, latin1, ROW | {"input": "ok"}])
+    rows, report = read_rows(path, "train")
+    assert [r["input"] for r in rows] == ["Fever and rash.", "ok"] and report.rows_read == 3
+    assert dict(report.skipped) == {"invalid_utf8": 1} and report.examples["invalid_utf8"] == [f"{path}:2"]
+    assert not any("\ufffd" in r["input"] for r in rows)
+    array = tmp_path / "bytes.json"
+    array.write_bytes(b"[" + latin1.strip() + b"]")
+    assert dict(read_rows(str(array), "train")[1].skipped) == {"invalid_utf8": 1}
+
+
+@pytest.mark.parametrize("value", [0, False, [], {}, 1.5])
+def test_falsy_and_other_non_string_inputs_are_counted(tmp_path, value):
+    rows, report = read_rows(_jsonl(tmp_path / "i.jsonl", [ROW, ROW | {"input": value}]), "train")
+    assert len(rows) == 1 and dict(report.skipped) == {"non_string_input": 1}
+
+
+def test_missing_or_null_input_is_an_empty_input(tmp_path):
+    no_input = {k: v for k, v in ROW.items() if k != "input"}
+    rows, report = read_rows(_jsonl(tmp_path / "n.jsonl", [no_input, ROW | {"input": None}]), "train")
+    assert [r["input"] for r in rows] == ["", ""] and not report.skipped and report.duplicates == 1
+
+
+def test_duplicates_are_counted_and_kept_and_rows_keep_their_index_and_source(tmp_path):
+    records = [ROW, ROW | {"source": "chatdoctor"}, "not json", ROW | {"input": "other"}, ROW]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"".join((r if isinstance(r, str) else json.dumps(r)).encode() + b"\n" for r in records))
+    rows, report = read_rows(str(path), "train")
+    assert len(rows) == 4 and report.duplicates == 2 and dict(report.skipped) == {"invalid_json": 1}
+    assert [r["index"] for r in rows] == [0, 1, 3, 4] and rows[1]["source"] == "chatdoctor"
+
+
+def test_held_out_rows_never_duplicate_train_rows(tiny_args, tok, tmp_path, sample_train_file):
+    lines = sample_train_file.read_text().splitlines()
+    data = tmp_path / "twice.jsonl"
+    data.write_text("\n".join(lines + lines[:100]) + "\n")  # 100 rows appear twice
+    prepared = prepare_dataset(parse_recipe(tiny_args + ["--dataset_name", str(data), "--eval_dataset_name", "",
+                                                         "--eval_split_size", "0.2"]), tok)
+    train, held = prepared.stats, prepared.eval_stats
+    assert train.duplicates == 100
+    assert held.rows_kept + train.moved_to_train == int(303 * 0.2) and train.moved_to_train > 0
+    assert train.rows_kept + held.rows_kept == 303
+    eval_rows = [json.loads(line) for line in (prepared.cache_dir / pipeline.EVAL_ROWS).read_text().splitlines()]
+    keys = {(r["instruction"], r["input"], r["output"]) for r in eval_rows}
+    train_file_keys = {(r["instruction"], r["input"], r["output"]) for r in map(json.loads, lines + lines[:100])}
+    assert len(eval_rows) == held.rows_kept and keys <= train_file_keys
+    # every duplicated row is either wholly in train or wholly held out
+    twice = {(r["instruction"], r["input"], r["output"]) for r in map(json.loads, lines[:100])}
+    held_twice = [r for r in eval_rows if (r["instruction"], r["input"], r["output"]) in twice]
+    assert len(held_twice) % 2 == 0
+
+
+def test_eval_rows_shared_with_train_are_counted(tiny_args, tok, tmp_path, sample_train_file):
+    lines = sample_train_file.read_text().splitlines()
+    changed = [json.dumps(json.loads(line) | {"input": "new " + json.loads(line)["input"]}) for line in lines[2:30]]
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("\n".join(lines[:2] + changed) + "\n")
+    prepared = prepare_dataset(parse_recipe(tiny_args + ["--eval_dataset_name", str(eval_file)]), tok)
+    assert prepared.eval_stats.rows_kept == 30 and prepared.eval_stats.shared_with_train == 2
+
+
+def test_max_eval_samples_is_stratified_by_source(tiny_args, tok, sample_eval_file):
+    prepared = prepare_dataset(parse_recipe(tiny_args + ["--max_eval_samples", "24"]), tok)
+    rows = [json.loads(line) for line in (prepared.cache_dir / pipeline.EVAL_ROWS).read_text().splitlines()]
+    counts = {}
+    for row in rows:
+        counts[row["source"]] = counts.get(row["source"], 0) + 1
+    assert len(rows) == prepared.eval_stats.rows_kept == 24 and set(counts.values()) == {2} and len(counts) == 12
+    first_24 = [json.loads(line)["source"] for line in sample_eval_file.read_text().splitlines()[:24]]
+    assert len(set(first_24)) < 12  # the file is in source blocks: "the first N" would miss sources
+
+
+def test_cache_key_is_the_files_content(tiny_args, tok, tmp_path, sample_train_file):
+    data = tmp_path / "copy.jsonl"
+    data.write_bytes(sample_train_file.read_bytes())
+    args = tiny_args + ["--dataset_name", str(data)]
+    first = prepare_dataset(parse_recipe(args), tok)
+    os.utime(data, (1, 1))  # a new modification time alone keeps the cache
+    assert prepare_dataset(parse_recipe(args), tok).cache_dir == first.cache_dir
+    text = data.read_text()
+    data.write_text(text.replace("patient", "patiens", 1))  # same size, new content
+    assert data.stat().st_size == sample_train_file.stat().st_size
+    assert prepare_dataset(parse_recipe(args), tok).cache_dir != first.cache_dir

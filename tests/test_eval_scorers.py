@@ -1,159 +1,140 @@
-"""Per-family scorers on hand-made cases with known answers, including malformed predictions."""
+"""Scorers on hand-made replies in each real MedTuned format, with exact expected numbers."""
 
 import pytest
 
-from medtune.eval import scorers as S
+from medtune.eval import scorers
+from medtune.eval.scorers import labels, ner, qa, text
+from medtune.eval.sources import FAMILIES
+
+GOLD_NER = "Lithium : B\ntoxicity : O\ncaused : O\nacute : B\nrenal : I\nfailure : I\n. : O"
 
 
-def test_normalize_and_tokens():
-    assert S.normalize("  Activating   Invasion and Metastasis. ") == "activating invasion and metastasis"
-    assert S.tokens("HPV-16, mainly!") == ["hpv", "16", "mainly"]
+def _retag(gold: str, tags: str) -> str:
+    return "\n".join(f"{line.rsplit(' : ', 1)[0]} : {tag}" for line, tag in zip(gold.split("\n"), tags.split()))
+
+
+def test_ner_gold_scores_one_and_all_o_scores_zero():
+    assert scorers.score("ner", [GOLD_NER], [GOLD_NER])["entity_f1"] == 1.0
+    all_o = scorers.score("ner", [GOLD_NER], [_retag(GOLD_NER, "O O O O O O O")])
+    assert all_o["entity_f1"] == 0.0 and all_o["entity_recall"] == 0.0 and all_o["primary"] == "entity_f1"
+
+
+def test_ner_spans_are_strict():
+    # "acute renal" only: a partial span is wrong (FP and FN); Lithium right: P = 1/2, R = 1/2.
+    partial = ner.score_ner([GOLD_NER], [_retag(GOLD_NER, "B O O B I O O")])
+    assert partial["entity_precision"] == partial["entity_recall"] == partial["entity_f1"] == 0.5
+    # An entity that starts with I is no entity in strict IOB2 (seqeval's default mode would count it).
+    starts_inside = ner.score_ner([GOLD_NER], [_retag(GOLD_NER, "B O O I I I O")])
+    assert starts_inside == pytest.approx({"entity_precision": 1.0, "entity_recall": 0.5, "entity_f1": 2 / 3,
+                                           "n_misaligned_lines": 0, "n_extra_lines": 0})
+
+
+def test_ner_misaligned_lines_are_wrong_not_skipped():
+    dropped_first = "\n".join(GOLD_NER.split("\n")[1:])  # every line one position early
+    scores = ner.score_ner([GOLD_NER], [dropped_first])
+    # The shifted "acute : B / renal : I / failure : I" sit at positions 2-4: one false positive entity.
+    assert scores == {"entity_precision": 0.0, "entity_recall": 0.0, "entity_f1": 0.0,
+                      "n_misaligned_lines": 7, "n_extra_lines": 0}
+    garbage = ner.score_ner([GOLD_NER], ["The entities are Lithium and acute renal failure."])
+    assert garbage["entity_f1"] == 0.0 and garbage["n_misaligned_lines"] == 7
+    extra = ner.score_ner([GOLD_NER], [GOLD_NER + "\nextra : B"])
+    assert extra["entity_f1"] == 1.0 and extra["n_extra_lines"] == 1
+
+
+def test_ner_typed_i2b2_tags_html_entities_and_case():
+    gold = "Patient : O\n&apos;s : O\nchest : B-PROBLEM\npain : I-PROBLEM\nimproved : O\non : O\nmorphine : B-TREATMENT"
+    pred = "Patient : O\n's : O\nchest : b-problem\npain : I-PROBLEM\nimproved : O\non : O\nmorphine : B-TEST"
+    scores = ner.score_ner([gold], [pred])  # the problem is right (the apostrophe aligns), the treatment mistyped
+    assert scores["entity_precision"] == scores["entity_recall"] == 0.5 and scores["n_misaligned_lines"] == 0
+
+
+def test_ner_micro_average_over_rows():
+    other = "Mutations : O\nin : O\nBRCA1 : O\ncause : O\nbreast : B\ncancer : I\n. : O"
+    scores = ner.score_ner([GOLD_NER, other], [GOLD_NER, _retag(other, "O O O O O O O")])
+    assert scores["entity_precision"] == 1.0 and scores["entity_recall"] == pytest.approx(2 / 3)
+    assert scores["entity_f1"] == pytest.approx(0.8)
+
+
+def test_relations_negatives_are_never_true_positives():
+    golds = ["TrIP", "TeRP", "No Relations", "Positive", "Negative"]
+    everywhere_negative = labels.score_relations(golds, ["No Relations"] * 5)
+    assert everywhere_negative == {"micro_precision": 0.0, "micro_recall": 0.0, "micro_f1": 0.0, "accuracy": 0.2}
+    preds = ["The relation is TrIP.", "TeCP", "No relation", "positive", "I am not sure"]
+    # TP 2 (TrIP, Positive); FP 1 (TeCP); FN 1 (TeRP); accuracy 4/5 (No relation reads as No Relations)
+    assert labels.score_relations(golds, preds) == pytest.approx(
+        {"micro_precision": 2 / 3, "micro_recall": 2 / 3, "micro_f1": 2 / 3, "accuracy": 0.6})
+    assert labels.read_relation("a pip of an orange") is None  # codes are case-sensitive
+
+
+def test_relations_wrong_code_is_fp_and_fn():
+    assert labels.score_relations(["TrAP"], ["TrCP"]) == {"micro_precision": 0.0, "micro_recall": 0.0,
+                                                          "micro_f1": 0.0, "accuracy": 0.0}
+
+
+def test_nli_accuracy_and_macro_f1():
+    golds = ["Entailment", "Entailment", "Contradiction", "Neutral"]
+    preds = ["entailment", "The answer is Neutral.", "", "Neutral"]
+    # Entailment: TP1 FN1 -> 2/3; Contradiction: FN1 -> 0; Neutral: TP1 FP1 -> 2/3
+    assert labels.score_nli(golds, preds) == pytest.approx({"accuracy": 0.5, "macro_f1": 4 / 9})
+
+
+def test_hallmarks_order_abbreviations_and_none():
+    golds = ["Activating invasion & metastasis (IM), Evading growth suppressors (GS)", "None",
+             "Resisting cell death (CD)", "Genome instability & mutation (GI)"]
+    preds = ["Evading growth suppressors (GS), Activating invasion & metastasis (IM)",  # other order: exact
+             "None",
+             "CD, PS",                                                                # abbreviations; PS is wrong
+             "genomic instability and mutation; it also talks about diet"]            # HoC's own name + junk
+    scores = labels.score_hallmarks(golds, preds)
+    # pairs: TP 4 (IM, GS, CD, GI), FP 1 (PS), FN 0; exact sets: rows 1 and 2; row 4 has an unreadable item
+    # macro over IM, GS, CD, GI, PS: 1, 1, 1, 1, 0
+    assert scores == pytest.approx({"micro_precision": 0.8, "micro_recall": 1.0, "micro_f1": 8 / 9,
+                                    "macro_f1": 0.8, "exact_set_accuracy": 0.5})
+
+
+def test_medmcqa_option_letter():
+    gold = "###Rationale: Protamine binds heparin.\n\n###Answer: OPTION B IS CORRECT."
+    right = qa.score_qa([gold], ["###Rationale: Protamine binds heparin.\n\n###Answer: OPTION B IS CORRECT."])
+    wrong = qa.score_qa([gold], ["###Rationale: Protamine binds heparin.\n\n###Answer: OPTION D IS CORRECT."])
+    assert right["medmcqa_accuracy"] == 1.0 and wrong["medmcqa_accuracy"] == 0.0
+    assert right["rougeL_f"] == wrong["rougeL_f"] == 1.0  # the rationale itself is the same
+    assert qa.option("option c is correct, because ...") == "C" and qa.option("C") is None
+
+
+def test_pubmedqa_and_umls():
+    golds = ["Patients mobilised early left sooner.\n\n###Answer: yes", "No benefit was found.\n\n###Answer: no",
+             "Metformin may treat type 2 diabetes mellitus.", "###Answer: OPTION A IS CORRECT."]
+    preds = ["Patients mobilised early left sooner.\n\n###Answer: Yes", "No benefit.\n\n###Answer: maybe",
+             "metformin treats diabetes", "###Answer: OPTION A IS CORRECT."]
+    scores = scorers.score("qa", golds, preds)
+    rouge = (1.0 + text.rouge_l("No benefit was found.", "No benefit.")
+             + text.rouge_l("Metformin may treat type 2 diabetes mellitus.", "metformin treats diabetes")) / 3
+    assert scores == pytest.approx({"n": 4, "primary": "answer_accuracy", "n_medmcqa": 1, "n_pubmedqa": 2,
+                                    "n_rougeL": 3, "medmcqa_accuracy": 1.0, "pubmedqa_accuracy": 0.5,
+                                    "answer_accuracy": 2 / 3, "rougeL_f": rouge, "answer_words": 19 / 4})
+    assert rouge == pytest.approx((1 + 2 / 3 + 2 / 5) / 3)  # LCS 2: of 4 / 2 tokens, of 7 / 3 tokens
+
+
+def test_qa_without_closed_answers_heads_with_rouge():
+    scores = scorers.score("qa", ["What is dysphagia? Difficulty swallowing."], ["difficulty swallowing"])
+    assert scores["primary"] == "rougeL_f" and "answer_accuracy" not in scores
 
 
 @pytest.mark.parametrize("gold,pred,expected", [
-    ("the cat sat on the mat", "the cat sat on the mat", 1.0),
-    ("the cat sat on the mat", "THE  cat, sat on the MAT!", 1.0),  # case, spacing, punctuation ignored
-    ("a b c d", "a x c y", 0.5),  # LCS "a c": P = R = 2/4
-    ("a b c d e f", "f e d c b a", 1 / 6),  # LCS 1: P = R = 1/6
-    ("a b c", "c a b x", 4 / 7),  # LCS "a b": P = 2/4, R = 2/3 -> F = 4/7
+    ("the cat sat on the mat", "THE  cat, sat on the MAT!", 1.0),
+    ("a b c d", "a x c y", 0.5),
+    ("a b c", "c a b x", 4 / 7),
     ("some answer", "", 0.0),
-    ("", "", 0.0),
 ])
 def test_rouge_l(gold, pred, expected):
-    assert S.rouge_l(gold, pred) == pytest.approx(expected)
+    assert text.rouge_l(gold, pred) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("gold,pred,expected", [
-    ("dopamine", "Dopamine.", 1.0),
-    ("a b c d", "d c b a", 1.0),  # a bag of tokens: order does not matter
-    ("a a b", "a b b", 2 / 3),  # overlap 2 of 3 each way
-    ("dopamine", "", 0.0),
-    ("", "", 1.0),
-    ("dopamine", "%%%###", 0.0),
-])
-def test_token_f1(gold, pred, expected):
-    assert S.token_f1(gold, pred) == pytest.approx(expected)
+def test_dialogue_scores():
+    scores = scorers.score("dialogue", ["a b c d", "x y"], ["a x c y", ""])
+    assert scores == pytest.approx({"n": 2, "primary": "rougeL_f", "rougeL_f": 0.25, "token_f1": 0.25,
+                                    "answer_words": 2.0})
 
 
-def test_free_text_scores():
-    scores = S.score_free_text(["a b c d", "x y"], ["a x c y", ""])
-    assert scores == pytest.approx({"rougeL_f": 0.25, "token_f1": 0.25, "answer_words": 2.0})
-
-
-def test_parse_entities_is_forgiving_about_format():
-    text = " disease:  Pulmonary   Fibrosis \n- Chemical: Lithium.\n\ngarbage line\nGene:\n1. GENE: HTT"
-    assert S.parse_entities(text) == {("disease", "pulmonary fibrosis"), ("chemical", "lithium"), ("gene", "htt")}
-    assert S.parse_entities("None") == set()
-    assert S.parse_entities("Disease: None") == set()
-    assert S.parse_entities("") == set()
-
-
-def test_ner_micro_f1():
-    golds = ["Disease: pulmonary fibrosis\nDisease: bipolar disorder", "None", "Chemical: lithium",
-             "Gene: FMR1"]
-    preds = [
-        "disease: Pulmonary fibrosis",  # partial list: 1 TP, 1 FN
-        "Chemical: aspirin",  # spurious entity: 1 FP
-        "CHEMICAL:   lithium  ",  # wrong case and extra spaces still match: 1 TP
-        "I cannot find any genes.",  # garbage: 1 FN
-    ]
-    scores = S.score_ner(golds, preds)
-    # TP 2, FP 1, FN 2 -> P 2/3, R 1/2, F1 4/7
-    assert scores == pytest.approx({"entity_precision": 2 / 3, "entity_recall": 0.5, "entity_f1": 4 / 7})
-
-
-def test_ner_wrong_type_is_both_fp_and_fn():
-    assert S.score_ner(["Disease: lithium"], ["Chemical: lithium"])["entity_f1"] == 0.0
-    assert S.score_ner(["None"], ["None"]) == {"entity_precision": 0.0, "entity_recall": 0.0, "entity_f1": 0.0}
-
-
-def test_extract_label():
-    labels = ["TrIP", "TrAP", "none"]
-    assert S.extract_label(" trip. ", labels) == "trip"
-    assert S.extract_label("The relation is TrAP (treatment administered).", labels) == "trap"
-    assert S.extract_label("tripped over", labels) == "tripped over"  # whole words only
-    assert S.extract_label("", labels) == ""
-
-
-def test_relation_scores():
-    golds = ["TrIP", "TrWP", "none", "none", "yes", "no"]
-    preds = [
-        "TrIP",  # TP
-        "TrIP",  # wrong positive: FP and FN
-        "",  # empty on a negative gold: wrong, but no FP/FN
-        "No",  # "no" and "none" are the same negative class: correct
-        "  YES.  ",  # TP
-        "garbage",  # wrong on a negative gold, not a positive label: no FP
-    ]
-    scores = S.score_relations(golds, preds)
-    # TP 2, FP 1, FN 1 -> P = R = F1 = 2/3; accuracy 3/6
-    assert scores == pytest.approx({"micro_precision": 2 / 3, "micro_recall": 2 / 3, "micro_f1": 2 / 3,
-                                    "accuracy": 0.5})
-
-
-def test_relation_known_label_missing_from_gold_is_a_false_positive():
-    scores = S.score_relations(["none", "TrIP"], ["The test conducted: TeCP", "none"])
-    assert scores == pytest.approx({"micro_precision": 0.0, "micro_recall": 0.0, "micro_f1": 0.0, "accuracy": 0.0})
-
-
-def test_nli_scores():
-    golds = ["entailment", "entailment", "contradiction", "neutral"]
-    preds = ["Entailment.", "The answer is neutral", "", "neutral"]
-    scores = S.score_nli(golds, preds)
-    # entailment: TP1 FN1 -> 2/3; contradiction: FN1 -> 0; neutral: TP1 FP1 -> 2/3
-    assert scores == pytest.approx({"accuracy": 0.5, "macro_f1": (2 / 3 + 0 + 2 / 3) / 3})
-
-
-def test_parse_label_set():
-    assert S.parse_label_set("Resisting cell death,  tumor promoting Inflammation.\n") == {
-        "resisting cell death", "tumor promoting inflammation"}
-    assert S.parse_label_set("None") == set()
-    assert S.parse_label_set("") == set()
-
-
-def test_classification_scores():
-    golds = ["A, B", "B", "C", "A"]
-    preds = ["b ,a", "B, D", "", "A"]
-    scores = S.score_classification(golds, preds)
-    # exact sets: rows 1 and 4 -> 0.5
-    # A: TP2 -> 1; B: TP2 -> 1; C: FN1 -> 0; D is not a gold label, so no class of its own
-    assert scores == pytest.approx({"exact_set_accuracy": 0.5, "macro_f1": 2 / 3})
-
-
-def test_classification_reads_labels_inside_wordy_items():
-    golds = ["Resisting cell death, Inducing angiogenesis", "Inducing angiogenesis"]
-    preds = ["The document is about: resisting cell death; also Inducing Angiogenesis.",
-             "inducing angiogenesis, something else"]  # the unknown item breaks the exact set
-    scores = S.score_classification(golds, preds)
-    assert scores == pytest.approx({"exact_set_accuracy": 0.5, "macro_f1": 1.0})
-
-
-def test_yes_no_maybe():
-    assert S.yes_no_maybe("yes. The trial showed ...") == "yes"
-    assert S.yes_no_maybe("Maybe") == "maybe"
-    assert S.yes_no_maybe("Dopamine.") is None
-    assert S.yes_no_maybe("nothing") is None
-
-
-def test_qa_scores_split_closed_and_free_rows():
-    golds = ["yes. The trial showed lower rates.", "no. No difference.", "maybe. Not significant.",
-             "Dopamine.", "Protamine sulfate."]
-    preds = ["Yes, because ...", "I think the answer is no", "", "dopamine", "heparin"]
-    scores = S.score_qa(golds, preds)
-    assert scores == pytest.approx({
-        "n_yes_no_maybe": 3, "n_free_text": 2,
-        "yes_no_maybe_accuracy": 2 / 3,
-        "rougeL_f": 0.5, "token_f1": 0.5,
-        "answer_words": (3 + 6 + 0 + 1 + 1) / 5,
-    })
-
-
-def test_qa_without_free_rows_omits_free_metrics():
-    scores = S.score_qa(["yes"], ["no"])
-    assert scores == {"n_yes_no_maybe": 1, "n_free_text": 0, "yes_no_maybe_accuracy": 0.0, "answer_words": 1.0}
-
-
-def test_every_family_has_a_scorer():
-    from medtune.eval.tasks import FAMILIES
-
-    assert set(S.SCORERS) == set(FAMILIES)
+def test_every_family_has_a_scorer_and_a_headline():
+    assert set(scorers.SCORERS) == set(scorers.PRIMARY) == set(FAMILIES)

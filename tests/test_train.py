@@ -11,7 +11,7 @@ from medtune.config import parse_recipe
 
 pytestmark = pytest.mark.slow
 
-NLI = "premise and hypothesis"  # one-word replies: a tiny random model learns them (and the end of turn) quickly
+NLI = '"source": "MedNLI"'  # one-word replies: a tiny random model learns them (and the end of turn) quickly
 
 
 @pytest.fixture(scope="module")

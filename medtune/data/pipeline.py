@@ -5,15 +5,14 @@ packed row keeps `seq_lengths`, from which TRL's padding-free collator rebuilds 
 every sample. transformers turns restarting position_ids into a block-diagonal attention mask (SDPA / eager) or
 varlen kernels (flash attention), so samples packed together never attend to each other.
 
-The result is saved under `data_cache_dir/<fingerprint>/`. The fingerprint covers the data files (path, size,
-mtime) or the hub dataset's own fingerprint, the tokenizer vocabulary, the chat template, max_length and the
-options below. One process builds it under a file lock while the others wait on the lock, not in a collective,
-so a long tokenization never trips a NCCL/gloo timeout; every later run (and every other rank) loads it instantly.
+The result is saved under `data_cache_dir/<fingerprint>/` (medtune.data.fingerprint: the data files' content or
+the hub dataset's own fingerprint, the tokenizer, the chat template, max_length and the options). One process
+builds it under a file lock while the others wait on the lock, not in a collective, so a long tokenization never
+trips a NCCL/gloo timeout; every later run (and every other rank) loads it instantly.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,13 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medtune import chat_format
-from medtune.data.rows import RowReport, hub_splits, is_local, local_files, read_rows
+from medtune.data.fingerprint import completion_only, fingerprint
+from medtune.data.rows import RowReport
+from medtune.data.splits import read_splits
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 3  # bump when the encoding or packing changes meaning
 ENCODE_BATCH = 1000
 EVAL_ROWS = "eval_rows.jsonl"
+EVAL_COLUMNS = ("instruction", "input", "output", "source")
 
 
 @dataclass
@@ -40,6 +41,10 @@ class DataStats:
     rows_kept: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    notes: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    moved_to_train: int = 0
+    shared_with_train: int = 0
     truncated: int = 0
     tokens: int = 0
     loss_tokens: int = 0
@@ -52,10 +57,14 @@ class DataStats:
 
     def summary(self, name: str) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        extra = [f"{v} {k.replace('_', ' ')}" for k, v in (("duplicates", self.duplicates),
+                 ("moved_to_train", self.moved_to_train), ("shared_with_train", self.shared_with_train)) if v]
+        extra += [f"{k}: {v}" for k, v in sorted(self.notes.items())]
         return (
             f"{name}: read {self.rows_read} rows, kept {self.rows_kept}, skipped {sum(self.skipped.values())} "
             f"({skipped}), truncated {self.truncated}; {self.tokens} tokens ({self.loss_tokens} in the loss) packed "
             f"into {self.packed_rows} rows, packing efficiency {self.packing_efficiency:.3f}"
+            + (f" ({'; '.join(extra)})" if extra else "")
         )
 
 
@@ -115,7 +124,9 @@ def build_split(rows: list[dict], report: RowReport, tokenizer, max_length: int,
     import pyarrow as pa
     from trl import pack_dataset
 
-    stats = DataStats(rows_read=report.rows_read, fingerprint=fingerprint)
+    stats = DataStats(rows_read=report.rows_read, fingerprint=fingerprint, notes=dict(report.notes),
+                      duplicates=report.duplicates, moved_to_train=report.moved_to_train,
+                      shared_with_train=report.shared_with_train)
     encoded = encode_rows(rows, tokenizer, max_length, overlong, completion_only_loss, stats, report)
     stats.rows_kept = len(encoded["input_ids"])
     stats.skipped = dict(report.skipped)
@@ -133,75 +144,6 @@ def build_split(rows: list[dict], report: RowReport, tokenizer, max_length: int,
     stats.packed_rows = len(dataset)
     stats.packing_efficiency = stats.tokens / (stats.packed_rows * max_length)
     return dataset, stats
-
-
-def _source_fingerprint(source: str, config: str | None) -> str:
-    if is_local(source):
-        return json.dumps([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in local_files(source)])
-    import datasets
-
-    builder = datasets.load_dataset_builder(source, config)
-    return f"{source}|{config}|{builder.hash}"
-
-
-def _tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    # Truncation/padding state changes with every call that sets them; it does not change the ids we store.
-    spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def fingerprint(recipe, tokenizer) -> str:
-    d, t = recipe.data, recipe.training
-    parts = {
-        "version": PIPELINE_VERSION,
-        "train": _source_fingerprint(d.dataset_name, d.dataset_config),
-        "eval": _source_fingerprint(d.eval_dataset_name, None) if d.eval_dataset_name else None,
-        "splits": [d.train_split, d.eval_split, d.eval_split_size, d.max_train_samples, d.max_eval_samples, t.seed],
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
-        "template": [chat_format.CHAT_TEMPLATE, chat_format.USER_PREFIX, chat_format.ASSISTANT_PREFIX],
-        "options": [t.max_length, d.overlong, _completion_only(recipe), t.packing],
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _completion_only(recipe) -> bool:
-    return recipe.training.completion_only_loss is not False  # TRL's default (None) means completion-only
-
-
-def _read_splits(recipe):
-    """(train rows, train report, eval rows or None, eval report or None), resolving where eval comes from."""
-    d = recipe.data
-    train_rows, train_report = read_rows(d.dataset_name, d.train_split, d.dataset_config, d.max_train_samples)
-    eval_split = None if (d.eval_split or "none").lower() == "none" else d.eval_split
-    if eval_split is None:
-        eval_rows, eval_report = None, None
-    elif d.eval_dataset_name:
-        eval_rows, eval_report = read_rows(d.eval_dataset_name, "train", None, d.max_eval_samples)
-    elif not is_local(d.dataset_name) and eval_split in hub_splits(d.dataset_name, d.dataset_config):
-        eval_rows, eval_report = read_rows(d.dataset_name, eval_split, d.dataset_config, d.max_eval_samples)
-    elif d.eval_split_size > 0:
-        # No eval split: hold out a seeded fraction of train, reported as such.
-        import random
-
-        rng = random.Random(recipe.training.seed)
-        order = list(range(len(train_rows)))
-        rng.shuffle(order)
-        n_eval = max(1, int(len(train_rows) * d.eval_split_size))
-        if d.max_eval_samples is not None:
-            n_eval = min(n_eval, d.max_eval_samples)
-        held = set(order[:n_eval])
-        eval_rows = [r for i, r in enumerate(train_rows) if i in held]
-        train_rows = [r for i, r in enumerate(train_rows) if i not in held]
-        eval_report = RowReport(rows_read=len(eval_rows))
-        train_report.rows_read -= len(eval_rows)
-        logger.info("no %r split: held out %d train rows (eval_split_size=%s) for evaluation", eval_split,
-                    len(eval_rows), d.eval_split_size)
-    else:
-        eval_rows, eval_report = None, None
-    return train_rows, train_report, eval_rows, eval_report
 
 
 def _load_cached(path: Path) -> PreparedData:
@@ -233,9 +175,9 @@ def prepare_dataset(recipe, tokenizer) -> PreparedData:
         else:
             start = time.perf_counter()
             t = recipe.training
-            train_rows, train_report, eval_rows, eval_report = _read_splits(recipe)
+            train_rows, train_report, eval_rows, eval_report = read_splits(recipe)
             opts = dict(tokenizer=tokenizer, max_length=t.max_length, overlong=recipe.data.overlong,
-                        completion_only_loss=_completion_only(recipe), packing=t.packing, fingerprint=fp)
+                        completion_only_loss=completion_only(recipe), packing=t.packing, fingerprint=fp)
             train, train_stats = build_split(train_rows, train_report, **opts)
             evald, eval_stats = build_split(eval_rows, eval_report, **opts) if eval_rows else (None, None)
             # Write to a temporary folder and rename: a killed run never leaves a half-written cache behind.
@@ -246,8 +188,7 @@ def prepare_dataset(recipe, tokenizer) -> PreparedData:
                 evald.save_to_disk(str(tmp / "eval"))
                 # Raw eval rows too, for the generation-based evaluation at the end of training.
                 with open(tmp / EVAL_ROWS, "w") as f:
-                    f.writelines(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n"
-                                 for r in eval_rows)
+                    f.writelines(json.dumps({k: r[k] for k in EVAL_COLUMNS if k in r}) + "\n" for r in eval_rows)
             meta = {"train": train_stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None}
             (tmp / "stats.json").write_text(json.dumps(meta, indent=2))
             os.replace(tmp, path)

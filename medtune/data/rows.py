@@ -1,7 +1,16 @@
-"""Reading instruction / input / output rows from a hub dataset or local files, keeping count of every bad row.
+"""Reading instruction / input / output (/ source) rows from a hub dataset or local files, counting every bad row.
 
-A 200k-row run must neither crash on one broken row nor lose rows silently: each row is either kept or counted
-under a reason, and the first few locations of each reason are kept for the report.
+A 200k-row run must neither crash on one broken row nor change or lose rows silently: each row is either kept or
+counted under a reason, and the first few locations of each reason are kept for the report.
+- JSON lines are split on "\\n" only: U+2028, U+2029 and U+0085 are legal inside JSON strings (str.splitlines
+  would cut rows there). A UTF-8 byte-order mark is dropped and noted.
+- Bytes that are not UTF-8 make their line (or .json file) `invalid_utf8`: never decoded with replacement
+  characters. A .json array that does not parse is counted as `invalid_json` under the file's name.
+- `input` may be missing or null (the task has no input); any other non-string (0, false, []) is `non_string_input`.
+- The `source` column (the dataset's current revision) is kept when it is a string.
+- Exact duplicate rows (same instruction, input and output) are kept, as in the data, and counted.
+Each kept row records `index`, its position among the records read (skipped ones included), so that predictions
+made elsewhere for the same file line up with it.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ logger = logging.getLogger(__name__)
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 REQUIRED = ("instruction", "output")
 EXAMPLES_PER_REASON = 5
+BOM = b"\xef\xbb\xbf"
+_UNREADABLE = object()  # a record that could not be parsed (its reason is already counted)
 
 
 @dataclass
@@ -27,6 +38,10 @@ class RowReport:
     rows_read: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    notes: Counter = field(default_factory=Counter)  # handled without losing anything, e.g. a byte-order mark
+    duplicates: int = 0  # exact repeats of an earlier row of the split, kept
+    moved_to_train: int = 0  # rows held out of this split but identical to a row left in it, returned to it
+    shared_with_train: int = 0  # eval-split rows identical to a train row, counted only
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
@@ -46,28 +61,65 @@ def is_local(source: str) -> bool:
     return Path(source).expanduser().exists()
 
 
-def _iter_file(path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
-    """(location, raw row) pairs; unparsable JSON lines are counted, not raised."""
-    if path.suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            for i, row in enumerate(json.loads(text)):
-                yield f"{path}[{i}]", row
-            return
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError:
-                report.rows_read += 1
-                report.skip("invalid_json", f"{path}:{lineno}")
-        return
-    import datasets
+def _without_bom(data: bytes, path: Path, report: RowReport) -> bytes:
+    if data.startswith(BOM):
+        report.notes["utf8_bom"] += 1
+        logger.info("%s: UTF-8 byte-order mark dropped", path)
+        return data[len(BOM):]
+    return data
 
-    table = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
-    for i, row in enumerate(table):
-        yield f"{path}:row {i}", row
+
+def json_lines(path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
+    """(location, parsed record or _UNREADABLE) per non-blank line, split on b"\\n" only."""
+    data = _without_bom(path.read_bytes(), path, report)
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{lineno}"
+        if not raw.strip():
+            continue
+        try:
+            yield where, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            report.skip("invalid_utf8", where)
+            yield where, _UNREADABLE
+        except json.JSONDecodeError:
+            report.skip("invalid_json", where)
+            yield where, _UNREADABLE
+
+
+def _json_array(path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
+    data = _without_bom(path.read_bytes(), path, report)
+    try:
+        records = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        report.skip("invalid_utf8", str(path))
+        yield str(path), _UNREADABLE
+        return
+    except json.JSONDecodeError as err:
+        logger.warning("%s: not a valid JSON array (%s); the file is skipped", path, err)
+        report.skip("invalid_json", str(path))
+        yield str(path), _UNREADABLE
+        return
+    for i, row in enumerate(records):
+        yield f"{path}[{i}]", row
+
+
+def _starts_array(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.removeprefix(BOM).lstrip().startswith(b"[")
+
+
+def _iter_file(path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
+    if path.suffix == ".json" and _starts_array(path):
+        yield from _json_array(path, report)
+    elif path.suffix in (".jsonl", ".json"):
+        yield from json_lines(path, report)
+    else:
+        import datasets
+
+        table = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
+        for i, row in enumerate(table):
+            yield f"{path}:row {i}", row
 
 
 def _iter_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, object]]:
@@ -79,7 +131,7 @@ def _iter_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, 
 
 
 def clean_row(raw: object, where: str, report: RowReport) -> dict[str, str] | None:
-    """The row as {instruction, input, output} strings, or None after counting why it was skipped."""
+    """The row as {instruction, input, output[, source]} strings, or None after counting why it was skipped."""
     if not isinstance(raw, dict):
         report.skip("not_an_object", where)
         return None
@@ -87,7 +139,8 @@ def clean_row(raw: object, where: str, report: RowReport) -> dict[str, str] | No
         if key not in raw or raw[key] is None:
             report.skip(f"missing_{key}", where)
             return None
-    row = {"instruction": raw["instruction"], "input": raw.get("input") or "", "output": raw["output"]}
+    row = {"instruction": raw["instruction"], "input": "" if raw.get("input") is None else raw["input"],
+           "output": raw["output"]}
     for key, value in row.items():
         if not isinstance(value, str):
             report.skip(f"non_string_{key}", where)
@@ -96,8 +149,15 @@ def clean_row(raw: object, where: str, report: RowReport) -> dict[str, str] | No
         if not row[key].strip():
             report.skip(f"empty_{key}", where)
             return None
+    if isinstance(raw.get("source"), str) and raw["source"].strip():
+        row["source"] = raw["source"]
     row["where"] = where  # for reporting rows dropped later (too long)
     return row
+
+
+def row_key(row: dict) -> tuple[str, str, str]:
+    """What makes two rows the same row (exact duplicates)."""
+    return row["instruction"], row["input"], row["output"]
 
 
 def read_rows(source: str, split: str, config: str | None = None,
@@ -108,16 +168,22 @@ def read_rows(source: str, split: str, config: str | None = None,
         pairs = (pair for path in local_files(source) for pair in _iter_file(path, report))
     else:
         pairs = _iter_hub(source, config, split)
-    rows = []
+    rows, seen = [], set()
     for where, raw in pairs:
         if limit is not None and len(rows) >= limit:
             break
         report.rows_read += 1
-        row = clean_row(raw, where, report)
+        row = None if raw is _UNREADABLE else clean_row(raw, where, report)
         if row is not None:
+            row["index"] = report.rows_read - 1
+            key = row_key(row)
+            report.duplicates += key in seen
+            seen.add(key)
             rows.append(row)
     for reason, count in sorted(report.skipped.items()):
         logger.warning("%s: skipped %d row(s): %s (e.g. %s)", source, count, reason, ", ".join(report.examples[reason]))
+    if report.duplicates:
+        logger.info("%s: %d exact duplicate row(s), kept", source, report.duplicates)
     return rows, report
 
 

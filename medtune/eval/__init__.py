@@ -1,1 +1,1 @@
-"""Held-out MedTuned evaluation: task-family detection, per-family scorers, base-vs-tuned reports."""
+"""Held-out MedTuned evaluation: source and family of a row, the scorers, generated or given replies, the report."""

@@ -1,0 +1,64 @@
+"""The data cache's key: what the tokenized, packed data depends on, hashed.
+
+Local files count by content, not by size and modification time (a copy or a touch must not rebuild, an edit
+that keeps the size must). Content is hashed with xxHash's XXH3-128 (the xxhash package, which `datasets` already
+depends on): 200 MiB in 0.03-0.04 s here against 0.45-0.48 s for hashlib's BLAKE2b, i.e. about a twentieth of
+a cache hit's start-up instead of several times it. A hub dataset counts by its builder's own fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from medtune import chat_format
+from medtune.data.rows import is_local, local_files
+
+PIPELINE_VERSION = 4  # bump when the encoding, packing or splitting changes meaning
+_CHUNK = 1 << 20
+
+
+def file_digest(path) -> str:
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_fingerprint(source: str, config: str | None) -> str:
+    if is_local(source):
+        return json.dumps([(p.name, file_digest(p)) for p in local_files(source)])
+    import datasets
+
+    builder = datasets.load_dataset_builder(source, config)
+    return f"{source}|{config}|{builder.hash}"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    # Truncation/padding state changes with every call that sets them; it does not change the ids we store.
+    spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def completion_only(recipe) -> bool:
+    return recipe.training.completion_only_loss is not False  # TRL's default (None) means completion-only
+
+
+def fingerprint(recipe, tokenizer) -> str:
+    d, t = recipe.data, recipe.training
+    parts = {
+        "version": PIPELINE_VERSION,
+        "train": source_fingerprint(d.dataset_name, d.dataset_config),
+        "eval": source_fingerprint(d.eval_dataset_name, None) if d.eval_dataset_name else None,
+        "splits": [d.train_split, d.eval_split, d.eval_split_size, d.max_train_samples, d.max_eval_samples, t.seed],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": [chat_format.CHAT_TEMPLATE, chat_format.USER_PREFIX, chat_format.ASSISTANT_PREFIX],
+        "options": [t.max_length, d.overlong, completion_only(recipe), t.packing],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,80 @@
+"""Model passes of an evaluation: greedy replies and teacher-forced reply losses, scored per family and source."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from medtune import inference
+from medtune.chat_format import encode_example, user_message
+from medtune.eval.score import score
+
+Row = Mapping[str, str]
+
+
+def _batches(indices: Sequence[int], batch_size: int):
+    for start in range(0, len(indices), batch_size):
+        yield indices[start:start + batch_size]
+
+
+def generate_replies(model, tokenizer, rows: Sequence[Row], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy replies, batched by similar prompt length (less padding), returned in row order."""
+    prompts = [user_message(r["instruction"], r.get("input") or "") for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    replies: list[str] = [""] * len(rows)
+    for idx in _batches(order, batch_size):
+        conversations = [[{"role": "user", "content": prompts[i]}] for i in idx]
+        for i, reply in zip(idx, inference.generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens)):
+            replies[i] = reply
+    return replies
+
+
+@torch.inference_mode()
+def reply_losses(model, tokenizer, rows: Sequence[Row], batch_size: int) -> list[tuple[float, int]]:
+    """(summed negative log-likelihood, token count) of each gold reply (incl. its <|end_of_turn|>), teacher-forced."""
+    encoded = [encode_example(tokenizer, r) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    for idx in _batches(order, batch_size):
+        width = max(len(encoded[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id)
+        attention = torch.zeros_like(ids)
+        reply = torch.zeros_like(ids, dtype=torch.bool)
+        for b, i in enumerate(idx):  # right padding: positions stay 0..n-1
+            seq, mask = encoded[i]
+            ids[b, :len(seq)], attention[b, :len(seq)] = torch.tensor(seq), 1
+            reply[b, :len(seq)] = torch.tensor(mask, dtype=torch.bool)
+        ids, attention, reply = ids.to(model.device), attention.to(model.device), reply.to(model.device)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        nll = (nll * reply[:, 1:]).sum(1)
+        for b, i in enumerate(idx):
+            out[i] = (nll[b].item(), int(reply[b].sum()))
+    return out
+
+
+def evaluate_model(model, tokenizer, rows: Sequence[Row], max_new_tokens: int = 256,
+                   batch_size: int = 8) -> tuple[dict, list[str]]:
+    """(medtune.eval.score results with reply losses, replies) for one model; restores its train/eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        replies = generate_replies(model, tokenizer, rows, max_new_tokens, batch_size)
+        losses = reply_losses(model, tokenizer, rows, batch_size)
+    finally:
+        model.train(was_training)
+    return score(rows, replies, losses), replies
+
+
+def evaluate_generation(model, tokenizer, rows: Sequence[Row], max_new_tokens: int = 128,
+                        batch_size: int = 8) -> dict[str, float]:
+    """End-of-training generation eval, flat and ready for `trainer.log`: eval_gen_<family>_<metric>,
+    eval_gen_source_<source>_<metric> and eval_gen_all_<n|loss|perplexity> (the "eval_" prefix puts them under
+    eval/ in W&B and TensorBoard)."""
+    results, _ = evaluate_model(model, tokenizer, rows, max_new_tokens, batch_size)
+    flat = {f"eval_gen_all_{k}": float(v) for k, v in results["overall"].items()}
+    for prefix, group in (("", results["families"]), ("source_", results["sources"])):
+        for name, metrics in group.items():
+            flat.update({f"eval_gen_{prefix}{name}_{k}": float(v) for k, v in metrics.items() if k != "primary"})
+    return flat

@@ -1,0 +1,46 @@
+"""Scores of a set of replies, per task family and per source corpus: the `families` / `sources` of eval.json."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Mapping, Sequence
+
+from medtune.eval import scorers
+from medtune.eval.sources import FAMILIES, is_known, source_of
+
+Row = Mapping[str, str]
+Losses = Sequence[tuple[float, int]]  # per row: summed reply NLL, reply tokens
+
+
+def _loss(losses: Losses, idx: Sequence[int]) -> float:
+    return sum(losses[i][0] for i in idx) / max(1, sum(losses[i][1] for i in idx))
+
+
+def score(rows: Sequence[Row], replies: Sequence[str], losses: Losses | None = None) -> dict:
+    """{"families": {family: {"n", "primary", metrics...}}, "sources": {source: same}, "overall": {"n", ...},
+    "unknown_sources": {name: rows}}. With losses (model mode) every entry also gets the teacher-forced reply
+    `loss`, and overall its perplexity."""
+    families: dict[str, list[int]] = defaultdict(list)
+    sources: dict[str, list[int]] = defaultdict(list)
+    family_of_source: dict[str, str] = {}
+    for i, row in enumerate(rows):
+        source, family = source_of(row)
+        families[family].append(i)
+        sources[source].append(i)
+        family_of_source[source] = family
+
+    def entry(family: str, idx: Sequence[int]) -> dict:
+        result = scorers.score(family, [rows[i]["output"] for i in idx], [replies[i] for i in idx])
+        return {**result, "loss": _loss(losses, idx)} if losses is not None else result
+
+    overall: dict = {"n": len(rows)}
+    if losses is not None:
+        overall["loss"] = _loss(losses, range(len(rows)))
+        overall["perplexity"] = math.exp(overall["loss"])
+    return {
+        "families": {f: entry(f, families[f]) for f in FAMILIES if f in families},
+        "sources": {s: entry(family_of_source[s], idx) for s, idx in sorted(sources.items())},
+        "overall": overall,
+        "unknown_sources": {s: len(idx) for s, idx in sorted(sources.items()) if not is_known(s)},
+    }
