@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -60,22 +61,17 @@ def load_tokenizer(recipe_or_path):
 
 
 def quantization_config(model_args, dtype: torch.dtype, sharded: bool):
-    from transformers import BitsAndBytesConfig
+    """TRL's `get_quantization_config` on a copy of the model settings whose dtype is the resolved compute dtype
+    (`auto` is no torch dtype) and, when sharded, whose 4-bit storage dtype is that dtype too."""
+    from trl import get_quantization_config
 
-    if not (model_args.load_in_4bit or model_args.load_in_8bit):
-        return None
-    if model_args.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
+    resolved = copy.copy(model_args)
+    resolved.dtype = str(dtype).removeprefix("torch.")
     # Sharded (ZeRO-3, FSDP), the 4-bit weights are flattened together with the layer's other weights into one
-    # tensor of one dtype, so they are stored in a float dtype equal to the compute dtype.
-    storage = model_args.bnb_4bit_quant_storage or (str(dtype).removeprefix("torch.") if sharded else "uint8")
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=storage,
-    )
+    # tensor of one dtype, so they are stored in a float dtype equal to the compute dtype (else uint8, the default).
+    if sharded and not model_args.bnb_4bit_quant_storage:
+        resolved.bnb_4bit_quant_storage = resolved.dtype
+    return get_quantization_config(resolved)
 
 
 def load_model(recipe):
