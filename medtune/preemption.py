@@ -15,7 +15,6 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ from accelerate import PartialState
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from medtune import stop_signal
-from medtune.checkpoints import mark_complete, rotate, unmark
+from medtune.checkpoints import checkpoint_dir, mark_complete, rotate, unmark
 
 logger = logging.getLogger(__name__)
 
@@ -122,19 +121,18 @@ class PreemptionCallback(TrainerCallback):
         if not control.should_save:
             return
         if state.is_world_process_zero:
-            unmark(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            unmark(checkpoint_dir(args.output_dir, state.global_step))
         PartialState().wait_for_everyone()  # no rank writes into the folder while it still looks complete
         self._save_started = time.perf_counter()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Every rank has written its part (optimizer shards, RNG state) once all of them are here.
         PartialState().wait_for_everyone()
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = checkpoint_dir(args.output_dir, state.global_step)
         if state.is_world_process_zero and folder.is_dir():
             mark_complete(folder, state.global_step)
             rotate(args.output_dir, folder, self.save_total_limit)
-        logger.info("checkpoint-%d complete, saved in %.1f s", state.global_step,
-                    time.perf_counter() - self._save_started)
+        logger.info("%s complete, saved in %.1f s", folder.name, time.perf_counter() - self._save_started)
         self._saved_step = state.global_step
         self._last_save = self.clock()
         return control

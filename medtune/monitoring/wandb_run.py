@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers.integrations import WandbCallback
 
-from medtune.checkpoints import checkpoints
+from medtune.checkpoints import checkpoint_dir, checkpoints
 from medtune.monitoring.run_info import RUN_INFO_FILE, run_info
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class RunCallback(WandbCallback):
     def on_save(self, args, state, control, **kwargs):
         if self._wandb is None or not state.is_world_process_zero or self._wandb.run is None:
             return
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = checkpoint_dir(args.output_dir, state.global_step)
         if checkpoint.is_dir():
             (checkpoint / RUN_ID_FILE).write_text(self._wandb.run.id)
 
