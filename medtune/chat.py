@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
-from medtune.inference import DEFAULT_SYSTEM_PROMPT, load_model_or_demo, stream, with_system_prompt
+from medtune.inference import DEFAULT_SYSTEM_PROMPT, load_for_inference_or_demo, stream, with_system_prompt
 from medtune.serve.triage import triage_text
 
 HELP = "Commands: /reset new conversation, /exit quit, /help this text. Ctrl-C stops a reply."
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
     parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args(argv)
-    model, tok = load_model_or_demo(args.model, args.device)
+    model, tok = load_for_inference_or_demo(args.model, args.device)
     chat_loop(model, tok, ChatOptions(args.system_prompt, args.max_tokens, args.temperature, args.top_p))
 
 

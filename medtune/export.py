@@ -20,7 +20,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from medtune.chat_format import END_OF_TURN
-from medtune.inference import adapter_base, is_adapter, load_tokenizer
+from medtune.inference import adapter_base, is_adapter, load_inference_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DISCLAIMER = (
@@ -125,7 +125,7 @@ def export(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None 
     base = base_model or adapter_base(adapter_dir)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])  # un-quantised, on CPU
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    tok = load_tokenizer(adapter_dir, fallback=base)
+    tok = load_inference_tokenizer(adapter_dir, fallback=base)
 
     eot = tok.convert_tokens_to_ids(END_OF_TURN)
     merged.generation_config = GenerationConfig(

@@ -61,7 +61,7 @@ def adapter_base(path: str | Path) -> str:
     return json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
 
-def load_tokenizer(path: str | Path, fallback: str | Path | None = None):
+def load_inference_tokenizer(path: str | Path, fallback: str | Path | None = None):
     """Starling tokenizer from `path` (an adapter folder carries one) or else `fallback`; left padding for
     generation."""
     try:
@@ -82,7 +82,7 @@ def with_system_prompt(messages: Messages, system_prompt: str) -> list[dict]:
     return messages
 
 
-def load_model(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+def load_for_inference(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
                base_model: str | None = None):
     """(model, tokenizer) for a base/merged model folder or a LoRA adapter folder.
 
@@ -97,22 +97,22 @@ def load_model(path: str | Path, device: str | None = None, dtype: torch.dtype |
         base = base_model or adapter_base(path)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         model = PeftModel.from_pretrained(model, str(path))
-        tok = load_tokenizer(path, fallback=base)
+        tok = load_inference_tokenizer(path, fallback=base)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tok = load_tokenizer(path)
+        tok = load_inference_tokenizer(path)
     model.to(device).eval()
     return model, tok
 
 
-def load_model_or_demo(path: str | Path | None, device: str | None = None):
-    """load_model(path), or without a path the tiny random demo model (built on first use)."""
+def load_for_inference_or_demo(path: str | Path | None, device: str | None = None):
+    """load_for_inference(path), or without a path the tiny random demo model (built on first use)."""
     if path is None:
         from medtune.tiny import build_tiny_model
 
         logging.getLogger(__name__).warning("no model given: using the tiny random demo model (it answers gibberish)")
         path = build_tiny_model(DEMO_MODEL)
-    return load_model(path, device=device)
+    return load_for_inference(path, device=device)
 
 
 def _generate_kwargs(tok, max_new_tokens: int, temperature: float, top_p: float) -> dict:

@@ -79,7 +79,7 @@ def _evaluate_models(args, rows: list[dict]) -> tuple[dict, list[str], dict | No
     from medtune.eval.generate import evaluate_model
 
     adapter = inference.is_adapter(args.model)
-    model, tokenizer = inference.load_model(args.model, device=args.device)
+    model, tokenizer = inference.load_for_inference(args.model, device=args.device)
     baseline = inference.adapter_base(args.model) if args.baseline == AUTO else args.baseline
     print(f"evaluating {args.model} on {len(rows)} rows")
     results, replies = evaluate_model(model, tokenizer, rows, args.max_new_tokens, args.batch_size)
@@ -91,7 +91,7 @@ def _evaluate_models(args, rows: list[dict]) -> tuple[dict, list[str], dict | No
     else:  # another model: free the tuned one first (two 7B models rarely fit together)
         del model
         torch.cuda.empty_cache()
-        model, tokenizer = inference.load_model(baseline, device=args.device)
+        model, tokenizer = inference.load_for_inference(baseline, device=args.device)
         context = nullcontext()
     with context:
         base, base_replies = evaluate_model(model, tokenizer, rows, args.max_new_tokens, args.batch_size)

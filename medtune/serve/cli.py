@@ -66,10 +66,10 @@ def build_backend(args):
 
         return UpstreamBackend(args.upstream, args.upstream_api_key, args.upstream_model, args.max_queue,
                                args.request_timeout)
-    from medtune.inference import load_model_or_demo
+    from medtune.inference import load_for_inference_or_demo
     from medtune.serve.local import LocalBackend
 
-    model, tok = load_model_or_demo(args.model, args.device)
+    model, tok = load_for_inference_or_demo(args.model, args.device)
     name = Path(args.model).resolve().name if args.model else "tiny-starling-demo"
     return LocalBackend(model, tok, name, args.max_batch_size, args.max_queue, args.max_model_len)
 
