@@ -183,9 +183,9 @@ def validate(recipe: Recipe) -> None:
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"{key}={getattr(t, key)}: use 1 or more")
-    if d.save_every_minutes < 0:
-        raise ConfigError(f"save_every_minutes={d.save_every_minutes}: use minutes > 0, or 0 for no time-based "
-                          "checkpoints")
+    if recipe.checkpointing.save_every_minutes < 0:
+        raise ConfigError(f"save_every_minutes={recipe.checkpointing.save_every_minutes}: use minutes > 0, or 0 for no "
+                          "time-based checkpoints")
     if t.num_train_epochs <= 0 and t.max_steps <= 0:
         raise ConfigError("num_train_epochs and max_steps are both <= 0: set one of them")
     for key in ("dataset_name", "eval_dataset_name"):

@@ -115,11 +115,11 @@ def build_run(recipe: Recipe) -> Run:
     tokenizer = load_tokenizer(recipe)
     # Before the model and before any collective: one process tokenizes, the others wait on a file lock.
     prepared = prepare_dataset(recipe, tokenizer)
-    resume = find_resume_checkpoint(recipe.training.output_dir) if recipe.data.resume else None
-    if recipe.data.resume:
+    resume = find_resume_checkpoint(recipe.training.output_dir) if recipe.checkpointing.resume else None
+    if recipe.checkpointing.resume:
         logger.info("resuming from %s", resume or "scratch (no complete checkpoint yet)")
     use_wandb = configure_wandb(recipe, resume)
-    preemption = PreemptionCallback(recipe.data.save_every_minutes)
+    preemption = PreemptionCallback(recipe.checkpointing.save_every_minutes)
     trainer = build_trainer(recipe, tokenizer, prepared, load_model(recipe), use_wandb, preemption)
     return Run(tokenizer, prepared, trainer, resume, preemption)
 
@@ -163,9 +163,9 @@ def train(recipe: Recipe) -> TrainResult:
             logger.warning("stop signal after the last step: adapter saved; generation eval and sample answer skipped")
             return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, None)
         # Every rank generates (same inputs): under ZeRO-3 each forward pass needs the shards of all ranks.
-        if recipe.data.generation_eval_samples:
-            evaluate_generations(trainer, tokenizer, prepared, recipe.data.generation_eval_samples)
-        prompt = recipe.data.sample_prompt
+        if recipe.after_training.generation_eval_samples:
+            evaluate_generations(trainer, tokenizer, prepared, recipe.after_training.generation_eval_samples)
+        prompt = recipe.after_training.sample_prompt
         answer = answer_sample(trainer.model, tokenizer, prompt) if prompt else None
         trainer.accelerator.wait_for_everyone()
         return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, answer)
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"loss: first logged {losses[0]:.4f} -> last logged {losses[-1]:.4f}")
         print(f"adapter saved to: {result.adapter_path}")
         answer = result.sample_answer
-        print(f"sample question: {recipe.data.sample_prompt}")
+        print(f"sample question: {recipe.after_training.sample_prompt}")
         print(f"model answer: {answer.text}")
         if answer.finish_reason == "stop":
             print(f"(generation stopped at <|end_of_turn|> after {answer.completion_tokens} tokens)")

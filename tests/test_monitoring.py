@@ -16,7 +16,7 @@ from trl import ModelConfig, SFTConfig
 
 from conftest import ROOT, free_port
 from medtune import monitoring
-from medtune.arguments import DataArguments, MonitoringArguments, Recipe
+from medtune.arguments import AfterTrainingArguments, CheckpointArguments, DataArguments, MonitoringArguments, Recipe
 from medtune.monitoring import FlopModel, ThroughputCallback, batch_counts, peak_flops
 
 PAD = 31
@@ -172,7 +172,9 @@ def test_no_mfu_without_known_peak(tmp_path):
 
 def make_recipe(tmp_path, report_to="wandb", resume=False, **monitoring_args) -> Recipe:
     training = SFTConfig(output_dir=str(tmp_path / "out"), report_to=report_to, max_length=64, bf16=False)
-    return Recipe(DataArguments(resume=resume), ModelConfig(), training, MonitoringArguments(**monitoring_args))
+    return Recipe(data=DataArguments(), model=ModelConfig(), training=training,
+                  checkpointing=CheckpointArguments(resume=resume), after_training=AfterTrainingArguments(),
+                  monitoring=MonitoringArguments(**monitoring_args))
 
 
 @pytest.fixture

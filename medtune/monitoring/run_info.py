@@ -41,6 +41,8 @@ def run_info(recipe, prepared) -> dict:
             "data": dataclasses.asdict(recipe.data),
             "model": dataclasses.asdict(recipe.model),
             "training": recipe.training.to_dict(),
+            "checkpointing": dataclasses.asdict(recipe.checkpointing),
+            "after_training": dataclasses.asdict(recipe.after_training),
             "monitoring": dataclasses.asdict(recipe.monitoring),
         },
         "versions": {"python": platform.python_version(), **versions},

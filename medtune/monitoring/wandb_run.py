@@ -167,7 +167,7 @@ def configure_wandb(recipe, resume_checkpoint: str | os.PathLike | None = None) 
         os.environ["WANDB_MODE"] = "offline"
         logger.info("W&B: no API key or login found, logging offline; upload later with: wandb sync %s",
                     Path(os.environ["WANDB_DIR"]) / "wandb" / "offline-run-*")
-    if recipe.data.resume and not os.environ.get("WANDB_RUN_ID"):
+    if recipe.checkpointing.resume and not os.environ.get("WANDB_RUN_ID"):
         stored = Path(resume_checkpoint or "") / RUN_ID_FILE
         run_id = stored.read_text().strip() if resume_checkpoint and stored.is_file() else None
         run_id = run_id or resume_run_id(training.output_dir)
