@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import copy
-import logging
 import os
 
 import torch
 
 from medtune.chat_format import CHAT_TEMPLATE, END_OF_TURN, PAD_TOKEN
-
-logger = logging.getLogger(__name__)
 
 
 def compute_dtype(name: str | None) -> torch.dtype:
@@ -20,17 +17,6 @@ def compute_dtype(name: str | None) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return getattr(torch, name)
-
-
-def resolve_precision(training_args) -> None:
-    """fp16 recipes train in bf16 on GPUs that have it (same memory, no loss scaling); CPUs train in fp32."""
-    if not torch.cuda.is_available():
-        if training_args.fp16 or training_args.bf16:
-            logger.warning("no GPU: mixed precision (fp16/bf16) is off, training in fp32")
-        training_args.fp16 = training_args.bf16 = False
-    elif training_args.fp16 and torch.cuda.is_bf16_supported():
-        logger.info("GPU supports bf16: using bf16 mixed precision instead of fp16")
-        training_args.fp16, training_args.bf16 = False, True
 
 
 def zero3_enabled() -> bool:

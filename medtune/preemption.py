@@ -74,8 +74,9 @@ class PreemptionCallback(TrainerCallback):
     with save_strategy steps, a save) at the step end, and for both again at the epoch end that the stopped step
     leads to (`on_epoch_end`, with eval/save_strategy epoch); this callback, added after it, takes those back.
 
-    It also owns `save_total_limit` (build_trainer hands it over): old checkpoints are deleted only after the new one
-    is complete. Add it after every callback that writes into checkpoint folders (the marker must be the last file).
+    It also owns the recipe's `save_total_limit` (the Trainer gets None: medtune.trainer_arguments): old checkpoints
+    are deleted only after the new one is complete. Add it after every callback that writes into checkpoint folders
+    (the marker must be the last file).
     """
 
     def __init__(self, save_every_minutes: float = 0, save_total_limit: int | None = None,
