@@ -61,12 +61,13 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
 
 
 def _cli_pairs(argv: list[str]) -> dict[str, str]:
-    """`--key value`, `--key=value` and bare `--flag` (= true) -> {key: value}."""
+    """`--key value`, `--key=value` and bare `--flag` (= true) -> {key: value}; dashes in a key read as underscores."""
     pairs, i = {}, 0
     while i < len(argv):
         if not argv[i].startswith("--"):
             raise ConfigError(f"unexpected argument {argv[i]!r}: use --key value")
         key, eq, value = argv[i][2:].partition("=")
+        key = key.replace("-", "_")  # --max-steps as --max_steps, as transformers' HfArgumentParser accepts it
         if not eq:
             has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
             value, i = (argv[i + 1], i + 1) if has_value else ("true", i)
