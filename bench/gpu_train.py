@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not torch.cuda.is_available():
         if not args.allow_cpu:
             sys.exit("no CUDA device: this benchmark needs a GPU (pass --allow-cpu --model tiny for a code check)")
-        args.dtype = "fp32"  # medtune.model.resolve_precision turns mixed precision off on CPU anyway
+        args.dtype = "fp32"  # medtune.trainer_arguments turns mixed precision off on CPU anyway
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (code-path check, not a result)"
     print(f"device: {device}", flush=True)
     config = STARLING_CONFIG if args.model == "starling" else TINY_CONFIG

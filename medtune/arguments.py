@@ -14,6 +14,8 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 @dataclass
 class DataArguments:
+    """Which rows train and evaluate, and how they are cut and cached (see medtune/data/)."""
+
     dataset_name: str = field(
         default=MEDTUNED,
         metadata={"help": "Hub dataset id, or a local .jsonl/.json/.parquet/.csv file or a folder of them."},
@@ -42,6 +44,12 @@ class DataArguments:
     data_cache_dir: str = field(
         default=".cache/medtune/data", metadata={"help": "Where tokenized + packed datasets are cached."}
     )
+
+
+@dataclass
+class CheckpointArguments:
+    """Resuming and time-based checkpoints, beside the Trainer's own save_strategy (see medtune/preemption.py)."""
+
     resume: bool = field(
         default=False, metadata={"help": "Resume from the newest complete checkpoint in output_dir, if any."}
     )
@@ -50,10 +58,16 @@ class DataArguments:
         metadata={"help": "Also save a checkpoint at the first step end once this many minutes have passed since "
                   "the last save (a crash then loses at most that much training); 0 turns it off."},
     )
+
+
+@dataclass
+class AfterTrainingArguments:
+    """What runs once the adapter is saved: the generation eval and the sample answer."""
+
     generation_eval_samples: int = field(
         default=0,
-        metadata={"help": "After training, generate and score this many eval rows per task family mix "
-                  "(medtune.eval); 0 turns it off."},
+        metadata={"help": "After training, generate replies to this many eval rows, spread evenly over the source "
+                  "corpora (seeded), and score them per task family and source (medtune.eval); 0 turns it off."},
     )
     sample_prompt: str = field(
         default="I have had a fever, a dry cough and a sore throat for three days. What could it be?",
@@ -96,9 +110,12 @@ class Recipe:
     data: DataArguments
     model: ModelConfig
     training: SFTConfig
+    checkpointing: CheckpointArguments
+    after_training: AfterTrainingArguments
     monitoring: MonitoringArguments
     path: str | None = None
 
 
-# The dataclasses a recipe's keys belong to, in the order Recipe's fields take them.
-ARGUMENTS = (DataArguments, ModelConfig, SFTConfig, MonitoringArguments)
+# The dataclasses a recipe's keys belong to, in the order Recipe's fields take them. A recipe is one flat YAML
+# mapping: each key belongs to exactly one of them.
+ARGUMENTS = (DataArguments, ModelConfig, SFTConfig, CheckpointArguments, AfterTrainingArguments, MonitoringArguments)

@@ -12,7 +12,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
-from medtune.inference import DEFAULT_SYSTEM_PROMPT, load_model_or_demo, stream, with_system_prompt
+from medtune.command_line import add_runtime_arguments
+from medtune.inference import DEFAULT_SYSTEM_PROMPT, load_for_inference_or_demo, stream, with_system_prompt
 from medtune.serve.triage import triage_text
 
 HELP = "Commands: /reset new conversation, /exit quit, /help this text. Ctrl-C stops a reply."
@@ -68,16 +69,20 @@ def chat_loop(model, tok, options: ChatOptions, read: Callable[[str], str] = inp
         history.append({"role": "assistant", "content": reply})
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medtune-chat", description="Chat with a medtune model in the terminal.")
+    p.add_argument("--model", help="merged model folder or LoRA adapter folder (default: tiny demo model)")
+    add_runtime_arguments(p)
+    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt ('' for none)")
+    p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0)
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Chat with a medtune model in the terminal.")
-    parser.add_argument("--model", help="merged model folder or LoRA adapter folder (default: tiny demo model)")
-    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt ('' for none)")
-    parser.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens")
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    args = parser.parse_args(argv)
-    model, tok = load_model_or_demo(args.model, args.device)
+    args = parser().parse_args(argv)
+    model, tok = load_for_inference_or_demo(args.model, args.device, args.dtype)
     chat_loop(model, tok, ChatOptions(args.system_prompt, args.max_tokens, args.temperature, args.top_p))
 
 

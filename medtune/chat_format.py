@@ -35,16 +35,6 @@ def user_message(instruction: str, input_text: str = "") -> str:
     return f"{instruction}\n\n{input_text}" if input_text else instruction
 
 
-def format_example(row: Mapping[str, str]) -> dict[str, str]:
-    """The formatting function: one instruction/input/output row -> prompt and completion text.
-
-    `prompt + completion` is the full training text; the loss is taken on `completion` only (by default).
-    """
-    prompt = f"{USER_PREFIX}{user_message(row['instruction'], row.get('input') or '')}{END_OF_TURN}{ASSISTANT_PREFIX}"
-    completion = f" {row['output'].strip()}{END_OF_TURN}"
-    return {"prompt": prompt, "completion": completion}
-
-
 def render_messages(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
     """Display form of a conversation (OpenAI-style role/content dicts)."""
     text = "".join(f"{ROLE_PREFIX[m['role']]}{m['content']}{END_OF_TURN}" for m in messages)

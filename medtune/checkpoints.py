@@ -15,10 +15,17 @@ import re
 import shutil
 from pathlib import Path
 
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    """The folder the Trainer saves the checkpoint of `step` in."""
+    return Path(output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:

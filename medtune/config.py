@@ -61,12 +61,13 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
 
 
 def _cli_pairs(argv: list[str]) -> dict[str, str]:
-    """`--key value`, `--key=value` and bare `--flag` (= true) -> {key: value}."""
+    """`--key value`, `--key=value` and bare `--flag` (= true) -> {key: value}; dashes in a key read as underscores."""
     pairs, i = {}, 0
     while i < len(argv):
         if not argv[i].startswith("--"):
             raise ConfigError(f"unexpected argument {argv[i]!r}: use --key value")
         key, eq, value = argv[i][2:].partition("=")
+        key = key.replace("-", "_")  # --max-steps as --max_steps, as transformers' HfArgumentParser accepts it
         if not eq:
             has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
             value, i = (argv[i + 1], i + 1) if has_value else ("true", i)
@@ -183,9 +184,9 @@ def validate(recipe: Recipe) -> None:
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"{key}={getattr(t, key)}: use 1 or more")
-    if d.save_every_minutes < 0:
-        raise ConfigError(f"save_every_minutes={d.save_every_minutes}: use minutes > 0, or 0 for no time-based "
-                          "checkpoints")
+    if recipe.checkpointing.save_every_minutes < 0:
+        raise ConfigError(f"save_every_minutes={recipe.checkpointing.save_every_minutes}: use minutes > 0, or 0 for no "
+                          "time-based checkpoints")
     if t.num_train_epochs <= 0 and t.max_steps <= 0:
         raise ConfigError("num_train_epochs and max_steps are both <= 0: set one of them")
     for key in ("dataset_name", "eval_dataset_name"):

@@ -1,6 +1,6 @@
 """Merge a trained LoRA adapter into its base model and write a standalone model folder.
 
-    medtune-export adjusted_model --out exported/starling-medtuned
+    medtune-export --model adjusted_model --out exported/starling-medtuned    # or: medtune-export adjusted_model ...
 
 The base is loaded un-quantised (training may have used a 4-bit base; merging needs real weights), the
 adapter is merged with peft's `merge_and_unload`, and the folder gets safetensors shards, the tokenizer (with
@@ -20,7 +20,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from medtune.chat_format import END_OF_TURN
-from medtune.inference import adapter_base, is_adapter, load_tokenizer
+from medtune.inference import adapter_base, is_adapter, load_inference_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DISCLAIMER = (
@@ -125,7 +125,7 @@ def export(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None 
     base = base_model or adapter_base(adapter_dir)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])  # un-quantised, on CPU
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    tok = load_tokenizer(adapter_dir, fallback=base)
+    tok = load_inference_tokenizer(adapter_dir, fallback=base)
 
     eot = tok.convert_tokens_to_ids(END_OF_TURN)
     merged.generation_config = GenerationConfig(
@@ -139,15 +139,28 @@ def export(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None 
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model and export it.")
-    parser.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="medtune-export",
+                                     description="Merge a LoRA adapter into its base model and export it.")
+    parser.add_argument("--model", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("adapter", nargs="?", help="the adapter folder as a positional argument (same as --model)")
     parser.add_argument("--out", required=True, help="output folder for the merged model")
     parser.add_argument("--base", help="base model path or hub id (default: the one in adapter_config.json)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="default: %(default)s")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="dtype the merged weights are written in (default: %(default)s)")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: %(default)s)")
     args = parser.parse_args(argv)
-    out = export(args.adapter, args.out, args.base, args.dtype, args.max_shard_size)
+    if args.model and args.adapter and args.model != args.adapter:
+        parser.error(f"two adapters given ({args.adapter} and --model {args.model}): give one")
+    args.model = args.model or args.adapter
+    if not args.model:
+        parser.error("the adapter folder is required: --model ADAPTER_DIR")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = export(args.model, args.out, args.base, args.dtype, args.max_shard_size)
     print(f"merged model written to {out}")
 
 

@@ -61,7 +61,7 @@ def adapter_base(path: str | Path) -> str:
     return json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
 
-def load_tokenizer(path: str | Path, fallback: str | Path | None = None):
+def load_inference_tokenizer(path: str | Path, fallback: str | Path | None = None):
     """Starling tokenizer from `path` (an adapter folder carries one) or else `fallback`; left padding for
     generation."""
     try:
@@ -82,37 +82,41 @@ def with_system_prompt(messages: Messages, system_prompt: str) -> list[dict]:
     return messages
 
 
-def load_model(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
-               base_model: str | None = None):
+def load_for_inference(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
+                       base_model: str | None = None):
     """(model, tokenizer) for a base/merged model folder or a LoRA adapter folder.
 
     An adapter is loaded on top of its base (un-merged, un-quantised); `base_model` overrides the base path
-    recorded in adapter_config.json (e.g. when the base was moved).
+    recorded in adapter_config.json (e.g. when the base was moved). `dtype` None or "auto": bf16 (fp16 without bf16)
+    on a GPU, fp32 on CPU.
     """
     device = device or default_device()
-    dtype = dtype or (medtune_model.compute_dtype("auto") if device.startswith("cuda") else torch.float32)
+    if dtype in (None, "auto"):
+        dtype = medtune_model.compute_dtype("auto") if device.startswith("cuda") else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
     if is_adapter(path):
         from peft import PeftModel
 
         base = base_model or adapter_base(path)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         model = PeftModel.from_pretrained(model, str(path))
-        tok = load_tokenizer(path, fallback=base)
+        tok = load_inference_tokenizer(path, fallback=base)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tok = load_tokenizer(path)
+        tok = load_inference_tokenizer(path)
     model.to(device).eval()
     return model, tok
 
 
-def load_model_or_demo(path: str | Path | None, device: str | None = None):
-    """load_model(path), or without a path the tiny random demo model (built on first use)."""
+def load_for_inference_or_demo(path: str | Path | None, device: str | None = None, dtype: str | None = None):
+    """load_for_inference(path), or without a path the tiny random demo model (built on first use)."""
     if path is None:
         from medtune.tiny import build_tiny_model
 
         logging.getLogger(__name__).warning("no model given: using the tiny random demo model (it answers gibberish)")
         path = build_tiny_model(DEMO_MODEL)
-    return load_model(path, device=device)
+    return load_for_inference(path, device=device, dtype=dtype)
 
 
 def _generate_kwargs(tok, max_new_tokens: int, temperature: float, top_p: float) -> dict:

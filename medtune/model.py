@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
+import copy
 import os
 
 import torch
 
 from medtune.chat_format import CHAT_TEMPLATE, END_OF_TURN, PAD_TOKEN
-
-logger = logging.getLogger(__name__)
 
 
 def compute_dtype(name: str | None) -> torch.dtype:
@@ -19,17 +17,6 @@ def compute_dtype(name: str | None) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return getattr(torch, name)
-
-
-def resolve_precision(training_args) -> None:
-    """fp16 recipes train in bf16 on GPUs that have it (same memory, no loss scaling); CPUs train in fp32."""
-    if not torch.cuda.is_available():
-        if training_args.fp16 or training_args.bf16:
-            logger.warning("no GPU: mixed precision (fp16/bf16) is off, training in fp32")
-        training_args.fp16 = training_args.bf16 = False
-    elif training_args.fp16 and torch.cuda.is_bf16_supported():
-        logger.info("GPU supports bf16: using bf16 mixed precision instead of fp16")
-        training_args.fp16, training_args.bf16 = False, True
 
 
 def zero3_enabled() -> bool:
@@ -60,22 +47,17 @@ def load_tokenizer(recipe_or_path):
 
 
 def quantization_config(model_args, dtype: torch.dtype, sharded: bool):
-    from transformers import BitsAndBytesConfig
+    """TRL's `get_quantization_config` on a copy of the model settings whose dtype is the resolved compute dtype
+    (`auto` is no torch dtype) and, when sharded, whose 4-bit storage dtype is that dtype too."""
+    from trl import get_quantization_config
 
-    if not (model_args.load_in_4bit or model_args.load_in_8bit):
-        return None
-    if model_args.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
+    resolved = copy.copy(model_args)
+    resolved.dtype = str(dtype).removeprefix("torch.")
     # Sharded (ZeRO-3, FSDP), the 4-bit weights are flattened together with the layer's other weights into one
-    # tensor of one dtype, so they are stored in a float dtype equal to the compute dtype.
-    storage = model_args.bnb_4bit_quant_storage or (str(dtype).removeprefix("torch.") if sharded else "uint8")
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=storage,
-    )
+    # tensor of one dtype, so they are stored in a float dtype equal to the compute dtype (else uint8, the default).
+    if sharded and not model_args.bnb_4bit_quant_storage:
+        resolved.bnb_4bit_quant_storage = resolved.dtype
+    return get_quantization_config(resolved)
 
 
 def load_model(recipe):

@@ -15,7 +15,6 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ from accelerate import PartialState
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from medtune import stop_signal
-from medtune.checkpoints import mark_complete, rotate, unmark
+from medtune.checkpoints import checkpoint_dir, mark_complete, rotate, unmark
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +74,9 @@ class PreemptionCallback(TrainerCallback):
     with save_strategy steps, a save) at the step end, and for both again at the epoch end that the stopped step
     leads to (`on_epoch_end`, with eval/save_strategy epoch); this callback, added after it, takes those back.
 
-    It also owns `save_total_limit` (build_trainer hands it over): old checkpoints are deleted only after the new one
-    is complete. Add it after every callback that writes into checkpoint folders (the marker must be the last file).
+    It also owns the recipe's `save_total_limit` (the Trainer gets None: medtune.trainer_arguments): old checkpoints
+    are deleted only after the new one is complete. Add it after every callback that writes into checkpoint folders
+    (the marker must be the last file).
     """
 
     def __init__(self, save_every_minutes: float = 0, save_total_limit: int | None = None,
@@ -122,19 +122,18 @@ class PreemptionCallback(TrainerCallback):
         if not control.should_save:
             return
         if state.is_world_process_zero:
-            unmark(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            unmark(checkpoint_dir(args.output_dir, state.global_step))
         PartialState().wait_for_everyone()  # no rank writes into the folder while it still looks complete
         self._save_started = time.perf_counter()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Every rank has written its part (optimizer shards, RNG state) once all of them are here.
         PartialState().wait_for_everyone()
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = checkpoint_dir(args.output_dir, state.global_step)
         if state.is_world_process_zero and folder.is_dir():
             mark_complete(folder, state.global_step)
             rotate(args.output_dir, folder, self.save_total_limit)
-        logger.info("checkpoint-%d complete, saved in %.1f s", state.global_step,
-                    time.perf_counter() - self._save_started)
+        logger.info("%s complete, saved in %.1f s", folder.name, time.perf_counter() - self._save_started)
         self._saved_step = state.global_step
         self._last_save = self.clock()
         return control

@@ -19,6 +19,11 @@ from typing import TYPE_CHECKING
 from medtune.config import Recipe, recipe_from_command_line
 
 if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from medtune.data import PreparedData
     from medtune.inference import Completion
     from medtune.preemption import PreemptionCallback
 
@@ -28,27 +33,18 @@ logger = logging.getLogger("medtune")
 @dataclass
 class TrainResult:
     output_dir: Path
-    model: object  # the trained PeftModel
+    model: PeftModel
     adapter_path: Path | None
     log_history: list[dict]
     preempted: bool
     sample_answer: Completion | None
 
 
-def build_trainer(recipe: Recipe, tokenizer, prepared, model, use_wandb: bool, preemption: PreemptionCallback):
+def build_trainer(recipe: Recipe, args: SFTConfig, tokenizer: PreTrainedTokenizerBase, prepared: PreparedData,
+                  model: PreTrainedModel, callbacks: list[TrainerCallback]) -> SFTTrainer:
+    """TRL's SFTTrainer on the prepared data, with `args` from medtune.trainer_arguments."""
     from trl import SFTTrainer, get_peft_config
 
-    from medtune.monitoring import monitoring_callbacks
-
-    args = recipe.training
-    # The data is already tokenized, masked and packed (medtune.data); TRL's padding-free collator turns each
-    # packed row's seq_lengths into restarting position_ids.
-    args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    args.padding_free = args.packing
-    if prepared.eval is None:
-        args.eval_strategy = "no"
-    # The preemption callback deletes old checkpoints itself, after the new one is complete.
-    preemption.save_total_limit, args.save_total_limit = args.save_total_limit, None
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -56,7 +52,7 @@ def build_trainer(recipe: Recipe, tokenizer, prepared, model, use_wandb: bool, p
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         peft_config=get_peft_config(recipe.model),
-        callbacks=[*monitoring_callbacks(recipe, prepared, use_wandb), preemption],  # last: see PreemptionCallback
+        callbacks=callbacks,
     )
     if args.deepspeed_plugin is None:
         # TRL stores a quantized model's LoRA weights in bf16. Keep them in fp32 (autocast still computes in
@@ -97,9 +93,9 @@ def evaluate_generations(trainer, tokenizer, prepared, samples: int) -> None:
 class Run:
     """Everything `train` works with, ready before the first step."""
 
-    tokenizer: object
-    prepared: object  # medtune.data.PreparedData
-    trainer: object  # trl.SFTTrainer
+    tokenizer: PreTrainedTokenizerBase
+    prepared: PreparedData
+    trainer: SFTTrainer
     resume: str | None  # checkpoint to resume from
     preemption: PreemptionCallback
 
@@ -107,32 +103,39 @@ class Run:
 def build_run(recipe: Recipe) -> Run:
     from medtune.checkpoints import find_resume_checkpoint
     from medtune.data import prepare_dataset
-    from medtune.model import load_model, load_tokenizer, resolve_precision
-    from medtune.monitoring import configure_wandb
+    from medtune.model import load_model, load_tokenizer
+    from medtune.monitoring import configure_wandb, monitoring_callbacks, run_info, write_run_info
     from medtune.preemption import PreemptionCallback
+    from medtune.trainer_arguments import resolve_trainer_arguments
 
-    resolve_precision(recipe.training)
     tokenizer = load_tokenizer(recipe)
     # Before the model and before any collective: one process tokenizes, the others wait on a file lock.
     prepared = prepare_dataset(recipe, tokenizer)
-    resume = find_resume_checkpoint(recipe.training.output_dir) if recipe.data.resume else None
-    if recipe.data.resume:
+    args, adjustments = resolve_trainer_arguments(recipe, has_eval=prepared.eval is not None)
+    resume = find_resume_checkpoint(args.output_dir) if recipe.checkpointing.resume else None
+    if recipe.checkpointing.resume:
         logger.info("resuming from %s", resume or "scratch (no complete checkpoint yet)")
     use_wandb = configure_wandb(recipe, resume)
-    preemption = PreemptionCallback(recipe.data.save_every_minutes)
-    trainer = build_trainer(recipe, tokenizer, prepared, load_model(recipe), use_wandb, preemption)
+    info = run_info(recipe, prepared, adjustments) if args.process_index == 0 else None
+    if info is not None:
+        write_run_info(args.output_dir, info)
+    # It deletes old checkpoints itself (the recipe's save_total_limit), after the new one is complete.
+    preemption = PreemptionCallback(recipe.checkpointing.save_every_minutes, recipe.training.save_total_limit)
+    callbacks = [*monitoring_callbacks(recipe, info, use_wandb), preemption]  # preemption last: see its docstring
+    trainer = build_trainer(recipe, args, tokenizer, prepared, load_model(recipe), callbacks)
     return Run(tokenizer, prepared, trainer, resume, preemption)
 
 
 def log_cpu_affinity() -> None:
     """Once per rank: the CPUs this process may run on, which Slurm sets per task (srun --cpus-per-task)."""
+    from medtune.monitoring import EVERY_RANK
+
     cpus, allotted = len(os.sched_getaffinity(0)), int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
     line = (f"rank {os.environ.get('RANK', '0')} on {platform.node()}: CPU affinity {cpus}, "
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     if cpus < allotted:
-        logger.warning("%s, below the job's %d CPUs per task (srun without --cpus-per-task?)", line, allotted)
-    else:
-        logger.info(line)
+        line += f", below the job's {allotted} CPUs per task (srun without --cpus-per-task?)"
+    logging.getLogger(EVERY_RANK).log(logging.WARNING if cpus < allotted else logging.INFO, line)
 
 
 def train(recipe: Recipe) -> TrainResult:
@@ -163,9 +166,9 @@ def train(recipe: Recipe) -> TrainResult:
             logger.warning("stop signal after the last step: adapter saved; generation eval and sample answer skipped")
             return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, None)
         # Every rank generates (same inputs): under ZeRO-3 each forward pass needs the shards of all ranks.
-        if recipe.data.generation_eval_samples:
-            evaluate_generations(trainer, tokenizer, prepared, recipe.data.generation_eval_samples)
-        prompt = recipe.data.sample_prompt
+        if recipe.after_training.generation_eval_samples:
+            evaluate_generations(trainer, tokenizer, prepared, recipe.after_training.generation_eval_samples)
+        prompt = recipe.after_training.sample_prompt
         answer = answer_sample(trainer.model, tokenizer, prompt) if prompt else None
         trainer.accelerator.wait_for_everyone()
         return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, answer)
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"loss: first logged {losses[0]:.4f} -> last logged {losses[-1]:.4f}")
         print(f"adapter saved to: {result.adapter_path}")
         answer = result.sample_answer
-        print(f"sample question: {recipe.data.sample_prompt}")
+        print(f"sample question: {recipe.after_training.sample_prompt}")
         print(f"model answer: {answer.text}")
         if answer.finish_reason == "stop":
             print(f"(generation stopped at <|end_of_turn|> after {answer.completion_tokens} tokens)")

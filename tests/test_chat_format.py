@@ -1,4 +1,4 @@
-"""The formatting function and the token-level encoding of Starling's chat format."""
+"""The user turn and the token-level encoding of Starling's chat format (the formatting function: encode_examples)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from medtune import chat_format
 from medtune.chat_format import (CHAT_TEMPLATE, END_OF_TURN, encode_example, encode_examples, encode_messages,
-                                 format_example, render_messages)
+                                 render_messages, user_message)
 
 
 @pytest.fixture(scope="module")
@@ -16,17 +16,10 @@ def tok():
     return build_starling_tokenizer()
 
 
-def test_format_example_exact_strings():
-    row = {"instruction": "Classify the relationship.", "input": "Premise: fever.\nHypothesis: infection.",
-           "output": "neutral"}
-    assert format_example(row) == {
-        "prompt": "GPT4 Correct User: Classify the relationship.\n\nPremise: fever.\nHypothesis: infection."
-                  "<|end_of_turn|>GPT4 Correct Assistant:",
-        "completion": " neutral<|end_of_turn|>",
-    }
-    no_input = format_example({"instruction": "  What causes gout? ", "input": "", "output": " Uric acid. "})
-    assert no_input["prompt"] == "GPT4 Correct User: What causes gout?<|end_of_turn|>GPT4 Correct Assistant:"
-    assert no_input["completion"] == " Uric acid.<|end_of_turn|>"
+def test_user_turn_is_the_instruction_a_blank_line_and_the_input():
+    assert user_message("Classify the relationship.", "Premise: fever.\nHypothesis: infection.") == (
+        "Classify the relationship.\n\nPremise: fever.\nHypothesis: infection.")
+    assert user_message("  What causes gout? ", "") == "What causes gout?"
 
 
 def test_render_messages_matches_the_tokenizer_chat_template(tok):
@@ -49,6 +42,9 @@ def test_encode_example_masks_exactly_the_reply(tok):
     assert tok.decode(prompt, skip_special_tokens=False).endswith("GPT4 Correct Assistant:")
     assert mask == sorted(mask)  # prompt first, then reply
     assert encode_examples(tok, [row, row]) == [(ids, mask), (ids, mask)]
+    ids, mask = encode_example(tok, {"instruction": "  What causes gout? ", "input": "", "output": " Uric acid. "})
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Uric acid." + END_OF_TURN
+    assert "GPT4 Correct User: What causes gout?" + END_OF_TURN in tok.decode(ids)
 
 
 @pytest.mark.parametrize("forged", [

@@ -39,6 +39,8 @@ def test_default_recipe_is_the_reference_recipe():
     assert t.max_length == 512
     assert t.packing is True and t.packing_strategy == "bfd"
     assert t.completion_only_loss is True
+    assert r.checkpointing.save_every_minutes == 30 and r.checkpointing.resume is False
+    assert r.after_training.generation_eval_samples == 0 and r.after_training.sample_prompt
 
 
 def test_overrides_and_alias():
@@ -46,7 +48,7 @@ def test_overrides_and_alias():
                       "--learning_rate", "1e-4"])
     assert r.model.lora_r == 16
     assert r.training.max_length == 1024
-    assert r.data.resume is True
+    assert r.checkpointing.resume is True
     assert r.training.learning_rate == pytest.approx(1e-4)
 
 

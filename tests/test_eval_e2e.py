@@ -149,7 +149,7 @@ def test_cli_adapter_vs_base(adapter_dir, eval_file, tmp_path, monkeypatch):
 
 
 def test_evaluate_generation_restores_training_mode(adapter_dir, eval_file):
-    model, tok = inference.load_model(adapter_dir, device="cpu")
+    model, tok = inference.load_for_inference(adapter_dir, device="cpu")
     model.train()
     rows = load_rows(str(eval_file))[0][:3]
     metrics = generate.evaluate_generation(model, tok, rows, max_new_tokens=2, batch_size=2)

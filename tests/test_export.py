@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from medtune.chat_format import END_OF_TURN, encode_messages
 from medtune.export import DISCLAIMER, export, main
-from medtune.inference import load_model
+from medtune.inference import load_for_inference
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONVERSATION = [{"role": "user", "content": "I have a rash on my arm that itches at night."}]
@@ -42,8 +42,8 @@ def logits(model, tok):
 
 
 def test_adapter_loads_on_base_without_merging(adapter_dir, tiny_model_dir):
-    model, tok = load_model(adapter_dir, device="cpu")
-    base, _ = load_model(tiny_model_dir, device="cpu")
+    model, tok = load_for_inference(adapter_dir, device="cpu")
+    base, _ = load_for_inference(tiny_model_dir, device="cpu")
     assert isinstance(model, PeftModel)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         tiny_model_dir)
@@ -57,7 +57,7 @@ def test_merged_export_matches_adapter_on_base(adapter_dir, tiny_model_dir, tmp_
     merged = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    adapted, _ = load_model(adapter_dir, device="cpu")
+    adapted, _ = load_for_inference(adapter_dir, device="cpu")
     torch.testing.assert_close(logits(merged, tok), logits(adapted, tok), atol=1e-4, rtol=1e-4)
 
     assert merged.generation_config.eos_token_id == tok.convert_tokens_to_ids(END_OF_TURN) == 32000
@@ -78,7 +78,7 @@ def test_cli_bf16_export_loads(adapter_dir, tmp_path, capsys):
     main([str(adapter_dir), "--out", str(tmp_path / "bf16"), "--max-shard-size", "5MB"])
     assert "merged model written" in capsys.readouterr().out
     assert len(list((tmp_path / "bf16").glob("model-*.safetensors"))) > 1  # sharded
-    model, tok = load_model(tmp_path / "bf16", device="cpu")
+    model, tok = load_for_inference(tmp_path / "bf16", device="cpu")
     assert model.dtype == torch.float32  # CPU inference upcasts
     assert (tmp_path / "bf16" / "generation_config.json").is_file()
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"

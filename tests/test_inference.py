@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from medtune.chat_format import END_OF_TURN, encode_messages
-from medtune.inference import complete, generate, load_model, stream
+from medtune.inference import complete, generate, load_for_inference, stream
 
 CONVERSATIONS = [
     [{"role": "user", "content": "I have had a headache for two days."}],
@@ -17,7 +17,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu")
+    return load_for_inference(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture()
@@ -26,7 +26,7 @@ def rigged(tiny_model_dir):
 
     Wherever that token would have won, end-of-turn wins instead, so greedy generation stops after 3 tokens.
     """
-    model, tok = load_model(tiny_model_dir, device="cpu")
+    model, tok = load_for_inference(tiny_model_dir, device="cpu")
     conv = CONVERSATIONS[0]
     prompt = torch.tensor([encode_messages(tok, conv)])
     ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,

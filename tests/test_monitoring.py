@@ -12,11 +12,12 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import MistralConfig, MistralForCausalLM, TrainerControl, TrainerState
+from transformers.integrations import WandbCallback
 from trl import ModelConfig, SFTConfig
 
 from conftest import ROOT, free_port
 from medtune import monitoring
-from medtune.arguments import DataArguments, MonitoringArguments, Recipe
+from medtune.arguments import AfterTrainingArguments, CheckpointArguments, DataArguments, MonitoringArguments, Recipe
 from medtune.monitoring import FlopModel, ThroughputCallback, batch_counts, peak_flops
 
 PAD = 31
@@ -172,7 +173,9 @@ def test_no_mfu_without_known_peak(tmp_path):
 
 def make_recipe(tmp_path, report_to="wandb", resume=False, **monitoring_args) -> Recipe:
     training = SFTConfig(output_dir=str(tmp_path / "out"), report_to=report_to, max_length=64, bf16=False)
-    return Recipe(DataArguments(resume=resume), ModelConfig(), training, MonitoringArguments(**monitoring_args))
+    return Recipe(data=DataArguments(), model=ModelConfig(), training=training,
+                  checkpointing=CheckpointArguments(resume=resume), after_training=AfterTrainingArguments(),
+                  monitoring=MonitoringArguments(**monitoring_args))
 
 
 @pytest.fixture
@@ -201,7 +204,7 @@ def test_configure_wandb_offline_without_credentials(wandb_env, tmp_path, caplog
     assert "wandb sync" in caplog.text
     assert [os.environ[k] for k in ("WANDB_PROJECT", "WANDB_TAGS", "WANDB_RUN_GROUP")] == ["proj", "a,b", "g"]
     assert os.environ["WANDB_DIR"] == recipe.training.output_dir  # offline runs land next to the checkpoints
-    assert recipe.training.report_to == [] and use_wandb
+    assert use_wandb and recipe.training.report_to == ["wandb"]  # the recipe is read, not changed
     assert "WANDB_RUN_ID" not in os.environ
 
 
@@ -217,7 +220,7 @@ def test_configure_wandb_off(wandb_env, tmp_path):
     assert not monitoring.configure_wandb(recipe) and "WANDB_MODE" not in os.environ
     wandb_env.setenv("WANDB_MODE", "disabled")
     recipe = make_recipe(tmp_path, report_to=["wandb", "tensorboard"])
-    assert not monitoring.configure_wandb(recipe) and recipe.training.report_to == ["tensorboard"]
+    assert not monitoring.configure_wandb(recipe)
 
 
 def test_configure_wandb_without_wandb_installed(wandb_env, tmp_path, caplog):
@@ -225,8 +228,8 @@ def test_configure_wandb_without_wandb_installed(wandb_env, tmp_path, caplog):
     recipe = make_recipe(tmp_path)
     use_wandb = monitoring.configure_wandb(recipe)
     assert "cannot be imported" in caplog.text
-    assert not use_wandb and recipe.training.report_to == []
-    assert monitoring.RunCallback(recipe, None, use_wandb=use_wandb)._wandb is None
+    assert not use_wandb
+    assert not [c for c in monitoring.monitoring_callbacks(recipe, None, use_wandb) if isinstance(c, WandbCallback)]
 
 
 def test_configure_wandb_resume_uses_newest_checkpoint_run_id(wandb_env, tmp_path):
@@ -283,7 +286,8 @@ def run_dirs(tmp_path):
 def test_two_process_run_logs_one_wandb_run_with_throughput_metrics(tiny_args, tmp_path):
     from medtune.report import load_history, main as report_main, plot_report, wandb_records
 
-    output = launch([*tiny_args, *RUN, "--report_to", "wandb"], tmp_path, processes=2, WANDB_MODE="offline")
+    output = launch([*tiny_args, *RUN, "--report_to", "wandb", "--save_total_limit", "2"], tmp_path, processes=2,
+                    WANDB_MODE="offline")
     (run_dir,) = run_dirs(tmp_path)  # exactly one run for the two ranks
     rows = load_history(run_dir)  # wandb's own transaction-log reader
     train = [r for r in rows if "loss" in r]
@@ -308,6 +312,9 @@ def test_two_process_run_logs_one_wandb_run_with_throughput_metrics(tiny_args, t
     info = config["update"]["medtune"]
     assert info["hardware"]["world_size"] == 2 and info["data"]["fingerprint"]
     assert info["recipe"]["training"]["max_steps"] == 6 and "wandb" in info["versions"]
+    # The recipe's values, not the Trainer's adjusted ones (medtune rotates the checkpoints itself).
+    assert config["update"]["save_total_limit"] == 2 and info["recipe"]["training"]["save_total_limit"] == 2
+    assert info["adjusted"]["save_total_limit"]["used"] is None
     (artifact,) = wandb_records(run_dir, "artifact")
     assert artifact["type"] == "model" and any(f["path"] == "adapter_model.safetensors"
                                                for f in artifact["manifest"]["contents"])
@@ -316,8 +323,11 @@ def test_two_process_run_logs_one_wandb_run_with_throughput_metrics(tiny_args, t
     assert (out / "checkpoint-3" / "wandb_run_id.txt").read_text() == run_id
     assert json.loads((out / "run_info.json").read_text())["hardware"]["world_size"] == 2
 
-    # Non-main ranks print warnings only, marked with their rank; the metric lines are printed once.
-    assert not [line for line in output.splitlines() if "[rank 1]" in line and " INFO " in line]
+    # Non-main ranks print warnings only, marked with their rank, and their CPU affinity once; the metric lines are
+    # printed once.
+    rank1_info = [line for line in output.splitlines() if "[rank 1]" in line and " INFO " in line]
+    assert len(rank1_info) == 1 and "rank 1 on " in rank1_info[0] and "CPU affinity" in rank1_info[0]
+    assert output.count("CPU affinity") == 2
     assert output.count("W&B run ") == 1
     assert output.count("{'loss': ") == 3 and output.count("{'eval_loss': ") == 2
 
@@ -343,10 +353,13 @@ def test_two_node_run_prints_metrics_and_answer_once(tiny_args, tmp_path, disabl
     assert node0.count("{'loss': ") == 2 and node0.count("'train_runtime': ") == 1
     assert node0.count("model answer: ") == 1 and node0.count("adapter saved to: ") == 1
     assert ("| 4/4 [" in node0) == (disable_tqdm == "false")  # the training progress bar
-    for shown_on_rank_0 in ("{'", "model answer", "it/s]", " INFO "):  # metrics, answer, any progress bar, info
+    for shown_on_rank_0 in ("{'", "model answer", "it/s]"):  # metrics, answer, any progress bar
         assert shown_on_rank_0 not in node1, shown_on_rank_0
     rank1 = [line for line in node1.splitlines() if line.startswith("[rank 1] ")]
-    assert rank1 and all(" WARNING " in line or " ERROR " in line for line in rank1)
+    info = [line for line in rank1 if " INFO " in line]  # only the once-per-rank CPU affinity line
+    assert len(info) == 1 and "rank 1 on " in info[0] and "CPU affinity" in info[0]
+    assert all(" WARNING " in line or " ERROR " in line for line in rank1 if line not in info)
+    assert node0.count("CPU affinity") == 1
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 from serve_helpers import LIMITS, local_server
 
 from medtune.chat_format import END_OF_TURN, encode_messages
-from medtune.inference import DEFAULT_SYSTEM_PROMPT, load_model, with_system_prompt
+from medtune.inference import DEFAULT_SYSTEM_PROMPT, load_for_inference, with_system_prompt
 from medtune.serve.app import ServerSettings
 
 KEY = "sk-test-0123456789"
@@ -20,7 +20,7 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu")
+    return load_for_inference(tiny_model_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from serve_helpers import LIMITS, local_server, raw_request, read_all, wait_for
 
 from medtune.chat_format import encode_messages
-from medtune.inference import generate, load_model
+from medtune.inference import generate, load_for_inference
 from medtune.serve.app import ServerSettings
 from medtune.serve.decoding import DecodeBatch, Sampling
 from medtune.serve.reply import ReplyText
@@ -20,7 +20,7 @@ PROMPTS = [[{"role": "user", "content": f"Patient {i}: " + "dizzy and tired, " *
 
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu")
+    return load_for_inference(tiny_model_dir, device="cpu")
 
 
 def decode(model, tok, conversations, max_new, samplings=None, drop_after=None):
@@ -167,13 +167,13 @@ def test_decode_batch_runs_a_lora_adapter_on_its_base(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from medtune.inference import load_tokenizer
+    from medtune.inference import load_inference_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     lora = LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)  # random, not a no-op
     get_peft_model(base, lora).save_pretrained(tmp_path)
-    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path)
-    model, tok = load_model(tmp_path, device="cpu")  # an adapter folder, as medtune-serve --model loads it
+    load_inference_tokenizer(tiny_model_dir).save_pretrained(tmp_path)
+    model, tok = load_for_inference(tmp_path, device="cpu")  # an adapter folder, as medtune-serve --model loads it
     (tokens,) = decode(model, tok, PROMPTS[:1], 8)
     expected = generate(model, tok, PROMPTS[:1], max_new_tokens=8)[0]
     assert tok.decode(tokens, skip_special_tokens=True).strip() == expected

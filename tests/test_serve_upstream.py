@@ -9,7 +9,7 @@ import pytest
 from serve_helpers import LIMITS, LocalServer, local_server, raw_request, wait_for
 
 from medtune.chat_format import CHAT_TEMPLATE
-from medtune.inference import load_model
+from medtune.inference import load_for_inference
 from medtune.serve import cli
 from medtune.serve.app import ServerSettings, create_app
 from medtune.serve.upstream import UpstreamBackend
@@ -21,7 +21,7 @@ EMERGENCY = [{"role": "user", "content": "My face is drooping on one side and my
 
 @pytest.fixture(scope="module")
 def upstream(tiny_model_dir):
-    model_and_tok = load_model(tiny_model_dir, device="cpu")
+    model_and_tok = load_for_inference(tiny_model_dir, device="cpu")
     settings = ServerSettings(default_max_tokens=8, limits=LIMITS, api_key=UPSTREAM_KEY)
     with local_server(model_and_tok, settings, max_model_len=512) as s:
         yield s

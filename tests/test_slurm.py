@@ -125,9 +125,11 @@ def test_two_node_zero3_job_completes_with_distinct_ranks(cluster, tiny_model_di
     assert {(r, of) for _, r, of in ranks} == {(0, 2), (1, 2)}, text[-4000:]
     assert {node for node, _, _ in ranks} == {"node1", "node2"}
     assert "processes=2" in text
-    # srun gave each node's task the job's CPUs: without --cpus-per-task the cluster would bind it to one.
+    # srun gave each node's task the job's CPUs: without --cpus-per-task the cluster would bind it to one. Each rank
+    # says so once.
     affinity = AFFINITY_LINE.findall(text)
-    assert affinity and {int(cpus) for _, cpus in affinity} == {CPUS_PER_TASK}, text[-4000:]
+    assert sorted(int(rank) for rank, _ in affinity) == [0, 1], text[-4000:]
+    assert {int(cpus) for _, cpus in affinity} == {CPUS_PER_TASK}, text[-4000:]
     adapters = list(out.glob("**/adapter_model.safetensors"))
     assert out / "adapter_model.safetensors" in adapters
     assert (out / "adapter_model.safetensors").stat().st_size > 0

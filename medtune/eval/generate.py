@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 import torch
 
 from medtune import inference
-from medtune.chat_format import encode_example, user_message
+from medtune.chat_format import encode_examples, user_message
 from medtune.eval.score import score
 
 Row = Mapping[str, str]
@@ -33,20 +33,18 @@ def generate_replies(model, tokenizer, rows: Sequence[Row], max_new_tokens: int,
 @torch.inference_mode()
 def reply_losses(model, tokenizer, rows: Sequence[Row], batch_size: int) -> list[tuple[float, int]]:
     """(summed negative log-likelihood, token count) of each gold reply (incl. its <|end_of_turn|>), teacher-forced."""
-    encoded = [encode_example(tokenizer, r) for r in rows]
+    encoded = encode_examples(tokenizer, rows)
     order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     for idx in _batches(order, batch_size):
-        width = max(len(encoded[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id)
-        attention = torch.zeros_like(ids)
-        reply = torch.zeros_like(ids, dtype=torch.bool)
-        for b, i in enumerate(idx):  # right padding: positions stay 0..n-1
-            seq, mask = encoded[i]
-            ids[b, :len(seq)], attention[b, :len(seq)] = torch.tensor(seq), 1
-            reply[b, :len(seq)] = torch.tensor(mask, dtype=torch.bool)
-        ids, attention, reply = ids.to(model.device), attention.to(model.device), reply.to(model.device)
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        # Right padding: every row's positions stay 0..n-1 without passing position_ids.
+        batch = tokenizer.pad({"input_ids": [encoded[i][0] for i in idx]}, padding=True, padding_side="right",
+                              return_tensors="pt").to(model.device)
+        ids = batch["input_ids"]
+        prompt_lengths = torch.tensor([encoded[i][1].index(1) for i in idx], device=ids.device)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        reply = (positions >= prompt_lengths[:, None]) & batch["attention_mask"].bool()  # mask: 0s, then the reply
+        logits = model(**batch).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         nll = (nll * reply[:, 1:]).sum(1)
         for b, i in enumerate(idx):

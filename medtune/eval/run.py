@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
+from medtune.command_line import add_runtime_arguments
 from medtune.data.rows import RowReport, is_local, json_lines
 from medtune.eval.report import log_wandb, write_report
 from medtune.eval.score import score
@@ -62,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", "--output", dest="out", default="outputs/eval", help="report folder (default: %(default)s)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_runtime_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the row selection")
     p.add_argument("--wandb", action="store_true", help="log the table to W&B (offline unless configured)")
     p.add_argument("--wandb-project", default="medtune")
@@ -79,7 +80,7 @@ def _evaluate_models(args, rows: list[dict]) -> tuple[dict, list[str], dict | No
     from medtune.eval.generate import evaluate_model
 
     adapter = inference.is_adapter(args.model)
-    model, tokenizer = inference.load_model(args.model, device=args.device)
+    model, tokenizer = inference.load_for_inference(args.model, device=args.device, dtype=args.dtype)
     baseline = inference.adapter_base(args.model) if args.baseline == AUTO else args.baseline
     print(f"evaluating {args.model} on {len(rows)} rows")
     results, replies = evaluate_model(model, tokenizer, rows, args.max_new_tokens, args.batch_size)
@@ -91,7 +92,7 @@ def _evaluate_models(args, rows: list[dict]) -> tuple[dict, list[str], dict | No
     else:  # another model: free the tuned one first (two 7B models rarely fit together)
         del model
         torch.cuda.empty_cache()
-        model, tokenizer = inference.load_model(baseline, device=args.device)
+        model, tokenizer = inference.load_for_inference(baseline, device=args.device, dtype=args.dtype)
         context = nullcontext()
     with context:
         base, base_replies = evaluate_model(model, tokenizer, rows, args.max_new_tokens, args.batch_size)

@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Info that every rank prints once (e.g. its CPU affinity), where other ranks print warnings and errors only.
+EVERY_RANK = "medtune.every_rank"
 
 
 def setup_logging(args) -> None:
     """Global rank 0 logs at INFO and shows the progress bar and the Trainer's metric lines; every other rank logs
-    warnings and errors only (`log_level_replica`), each line prefixed with [rank N], and no progress bars.
+    warnings and errors only (`log_level_replica`), each line prefixed with [rank N], and no progress bars. Records
+    of the EVERY_RANK logger are printed on every rank.
 
-    `args` (TrainingArguments) is set to `log_on_each_node=False`, so transformers' `should_log` and
-    `get_process_log_level` single out global rank 0 rather than each node's local rank 0. transformers' and
-    datasets' records go through the root handler, so they carry the rank prefix too.
+    "Main" is global rank 0, as transformers' `should_log` and `get_process_log_level` decide with
+    `log_on_each_node=False` (the Trainer gets that setting from medtune.trainer_arguments); `args`
+    (TrainingArguments) is read, not changed. transformers' and datasets' records go through the root handler, so
+    they carry the rank prefix too.
     """
     import datasets
     import transformers
 
-    args.log_on_each_node = False
-    main = args.should_log
-    library_level = args.get_process_log_level()  # rank 0: log_level (passive: the libraries' own); else replica
-    prefix = "" if main else f"[rank {args.process_index}] "
+    rank = args.process_index  # sets up the distributed state once, before the copy shares it
+    global_rank_0 = copy.copy(args)
+    global_rank_0.log_on_each_node = False
+    main = global_rank_0.should_log
+    library_level = global_rank_0.get_process_log_level()  # rank 0: log_level (passive: the libraries'); else replica
+    prefix = "" if main else f"[rank {rank}] "
     logging.basicConfig(format=prefix + FORMAT, datefmt="%H:%M:%S", level=logging.INFO if main else library_level)
+    logging.getLogger(EVERY_RANK).setLevel(logging.INFO)
     logging.captureWarnings(True)
     for library in (transformers.utils.logging, datasets.utils.logging):
         library.set_verbosity(library_level)
@@ -32,6 +40,3 @@ def setup_logging(args) -> None:
     if not main:
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-        # With disable_tqdm the Trainer prints metrics through PrinterCallback, which prints on every node's local
-        # rank 0 (measured: a 2-node run printed each metric line twice); ProgressCallback shows nothing off rank 0.
-        args.disable_tqdm = False

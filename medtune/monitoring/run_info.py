@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -15,8 +16,9 @@ RUN_INFO_FILE = "run_info.json"
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "deepspeed", "datasets", "wandb")
 
 
-def run_info(recipe, prepared) -> dict:
-    """Everything needed to reproduce or compare a run: recipe, versions, commit, hardware and data counts."""
+def run_info(recipe, prepared, adjustments=()) -> dict:
+    """Everything needed to reproduce or compare a run: the recipe as the user wrote it, the adjustments the Trainer's
+    arguments got (medtune.trainer_arguments), versions, commit, hardware and data counts."""
     from accelerate import PartialState
 
     versions = {}
@@ -41,11 +43,19 @@ def run_info(recipe, prepared) -> dict:
             "data": dataclasses.asdict(recipe.data),
             "model": dataclasses.asdict(recipe.model),
             "training": recipe.training.to_dict(),
+            "checkpointing": dataclasses.asdict(recipe.checkpointing),
+            "after_training": dataclasses.asdict(recipe.after_training),
             "monitoring": dataclasses.asdict(recipe.monitoring),
         },
+        "adjusted": {a.key: {"recipe": a.recipe, "used": a.used, "reason": a.reason} for a in adjustments},
         "versions": {"python": platform.python_version(), **versions},
         "git_commit": commit,
         "hardware": {"gpus": gpus, "gpus_per_node": len(gpus), "world_size": world,
                      "nodes": max(world // max(local, 1), 1), "host": platform.node()},
         "data": stats,
     }
+
+
+def write_run_info(output_dir: str | os.PathLike, info: dict) -> None:
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(output_dir) / RUN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))

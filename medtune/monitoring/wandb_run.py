@@ -1,5 +1,6 @@
 """One W&B run per job: settle W&B from the recipe and environment, then transformers' WandbCallback, made
-failure-tolerant, with the run info, the run id in every checkpoint, and the adapter artifact."""
+failure-tolerant, with the recipe's values and the run manifest, the run id in every checkpoint, and the adapter
+artifact."""
 
 from __future__ import annotations
 
@@ -11,59 +12,47 @@ from pathlib import Path
 
 from transformers.integrations import WandbCallback
 
-from medtune.checkpoints import checkpoints
-from medtune.monitoring.run_info import RUN_INFO_FILE, run_info
+from medtune.checkpoints import checkpoint_dir, checkpoints
 
 logger = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id.txt"
 
 
-class RunCallback(WandbCallback):
-    """transformers' WandbCallback (init on the main process only, metrics, summary) plus:
+class WandbRunCallback(WandbCallback):
+    """The job's W&B run: transformers' WandbCallback (init on the main process only, metrics, summary) plus:
 
     - a W&B failure (no credentials for an online run, unreachable server) is a warning, not a crashed job;
-    - the run info (resolved recipe, versions, commit, hardware, data fingerprint and counts) goes to the run config
-      and to <output_dir>/run_info.json;
+    - the run config holds the training settings as the recipe gives them (WandbCallback logs the Trainer's, which
+      medtune.trainer_arguments adjusted) and, under `medtune`, the run manifest (medtune.monitoring.run_info);
     - each checkpoint records the run id in checkpoint-N/wandb_run_id.txt, which configure_wandb reads on resume;
     - at the end of a completed run the LoRA adapter is logged as a 'model' artifact; a run stopped early
       (preempted) is marked preempting instead. Either way the run is finished when training ends.
     """
 
-    def __init__(self, recipe, prepared, use_wandb: bool):
-        self._recipe, self._prepared = recipe, prepared
-        self._initialized = False
-        self._wandb = None
-        if use_wandb:
-            super().__init__()
+    def __init__(self, recipe, info: dict | None):
+        """`info`: the run manifest on global rank 0, None on the other ranks."""
+        super().__init__()
+        self._recipe, self._info = recipe, info
 
     def setup(self, args, state, model, **kwargs):
-        info = run_info(self._recipe, self._prepared) if state.is_world_process_zero else None
-        if info is not None:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.output_dir) / RUN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
-        if self._wandb is None:
-            self._initialized = True
-            return
         try:
             super().setup(args, state, model, **kwargs)
-            if info is not None:
-                self._wandb.config.update({"medtune": json.loads(json.dumps(info, default=str))},
-                                          allow_val_change=True)
+            if self._info is not None and self._wandb.run is not None:
+                recipe_values = self._info["recipe"]["training"]
+                config = {key: recipe_values[key] for key in self._info["adjusted"] if key in recipe_values}
+                config["medtune"] = self._info
+                self._wandb.config.update(json.loads(json.dumps(config, default=str)), allow_val_change=True)
                 run = self._wandb.run
                 logger.info("W&B run %s, files in %s", run.id, run.dir)
         except Exception as err:  # noqa: BLE001 - any W&B failure must leave training running
             logger.warning("W&B could not start (%s: %s); training continues without W&B", type(err).__name__, err)
             self._wandb = None
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not self._initialized:
-            self.setup(args, state, model, **kwargs)
-
     def on_save(self, args, state, control, **kwargs):
         if self._wandb is None or not state.is_world_process_zero or self._wandb.run is None:
             return
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = checkpoint_dir(args.output_dir, state.global_step)
         if checkpoint.is_dir():
             (checkpoint / RUN_ID_FILE).write_text(self._wandb.run.id)
 
@@ -96,7 +85,7 @@ class RunCallback(WandbCallback):
             logger.warning("ZeRO-3: adapter artifact skipped; the adapter is in output_dir")
             return
         run = self._wandb.run
-        fingerprint = getattr(getattr(self._prepared, "stats", None), "fingerprint", None)
+        fingerprint = (self._info or {}).get("data", {}).get("fingerprint")
         artifact = self._wandb.Artifact(
             f"adapter-{run.id}", type="model",
             metadata={"base_model": self._recipe.model.model_name_or_path, "data_fingerprint": fingerprint,
@@ -130,8 +119,8 @@ def resume_run_id(output_dir: str) -> str | None:
 
 
 def configure_wandb(recipe, resume_checkpoint: str | os.PathLike | None = None) -> bool:
-    """Decide whether this job logs to W&B (returned) and set the WANDB_* environment wandb.init reads.
-    Call on every rank.
+    """Decide whether this job logs to W&B (returned) and set the WANDB_* environment wandb.init reads; the recipe is
+    only read. Call on every rank.
 
     Recipe values (wandb_project, ...) win over the environment; unset ones keep it. Without credentials and
     without WANDB_MODE the run is written offline (upload later with `wandb sync`). When wandb cannot be imported or
@@ -140,10 +129,8 @@ def configure_wandb(recipe, resume_checkpoint: str | os.PathLike | None = None) 
     the same run.
     """
     monitoring, training = recipe.monitoring, recipe.training
-    report_to = list(training.report_to or [])
-    if "wandb" not in report_to:
+    if "wandb" not in (training.report_to or []):
         return False
-    training.report_to = [r for r in report_to if r != "wandb"]  # RunCallback replaces the Trainer's own
     try:
         import wandb  # noqa: F401
     except Exception as err:  # noqa: BLE001 - a broken wandb install must not stop training
@@ -161,13 +148,11 @@ def configure_wandb(recipe, resume_checkpoint: str | os.PathLike | None = None) 
     os.environ.setdefault("WANDB_PROJECT", "medtune")
     os.environ.setdefault("WANDB_DIR", training.output_dir)
     Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
-    if monitoring.wandb_name and not training.run_name:
-        training.run_name = monitoring.wandb_name  # WandbCallback passes run_name as the run's name
     if not os.environ.get("WANDB_MODE") and not _has_credentials():
         os.environ["WANDB_MODE"] = "offline"
         logger.info("W&B: no API key or login found, logging offline; upload later with: wandb sync %s",
                     Path(os.environ["WANDB_DIR"]) / "wandb" / "offline-run-*")
-    if recipe.data.resume and not os.environ.get("WANDB_RUN_ID"):
+    if recipe.checkpointing.resume and not os.environ.get("WANDB_RUN_ID"):
         stored = Path(resume_checkpoint or "") / RUN_ID_FILE
         run_id = stored.read_text().strip() if resume_checkpoint and stored.is_file() else None
         run_id = run_id or resume_run_id(training.output_dir)

@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from medtune.command_line import add_runtime_arguments
 from medtune.inference import DEFAULT_SYSTEM_PROMPT
 from medtune.serve.protocol import Limits
 from medtune.serve.security import allowed_hosts, is_loopback
@@ -25,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="merged model folder or LoRA adapter folder (default: tiny demo model)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    add_runtime_arguments(p)
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--system-prompt", help="system prompt used when a client sends none")
     prompt.add_argument("--system-prompt-file", type=Path, help="read the system prompt from this file")
@@ -66,10 +67,10 @@ def build_backend(args):
 
         return UpstreamBackend(args.upstream, args.upstream_api_key, args.upstream_model, args.max_queue,
                                args.request_timeout)
-    from medtune.inference import load_model_or_demo
+    from medtune.inference import load_for_inference_or_demo
     from medtune.serve.local import LocalBackend
 
-    model, tok = load_model_or_demo(args.model, args.device)
+    model, tok = load_for_inference_or_demo(args.model, args.device, args.dtype)
     name = Path(args.model).resolve().name if args.model else "tiny-starling-demo"
     return LocalBackend(model, tok, name, args.max_batch_size, args.max_queue, args.max_model_len)
 
