@@ -76,7 +76,7 @@ def answer_sample(model, tokenizer, prompt: str) -> Completion:
 def evaluate_generations(trainer, tokenizer, prepared, samples: int) -> None:
     """Score generated replies on eval rows per task family and log them with the training metrics."""
     from medtune.data.pipeline import EVAL_ROWS
-    from medtune.eval.generate import evaluate_generation
+    from medtune.eval.generate import evaluate_model, flat_metrics, headlines
     from medtune.eval.select import load_rows, select_rows
 
     path = prepared.cache_dir / EVAL_ROWS
@@ -84,9 +84,11 @@ def evaluate_generations(trainer, tokenizer, prepared, samples: int) -> None:
         logger.warning("generation_eval_samples=%d but the recipe has no eval split: skipped", samples)
         return
     rows = select_rows(load_rows(str(path))[0], samples, seed=trainer.args.seed)
-    metrics = evaluate_generation(trainer.model, tokenizer, rows, batch_size=trainer.args.per_device_eval_batch_size)
-    logger.info("generation eval on %d rows: %s", len(rows), ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()))
-    trainer.log(metrics)
+    results, _ = evaluate_model(trainer.model, tokenizer, rows, max_new_tokens=128,
+                                batch_size=trainer.args.per_device_eval_batch_size)
+    logger.info("generation eval on %d rows: %s; per source and all metrics: eval/gen_* in the logs",
+                len(rows), headlines(results))
+    trainer.log(flat_metrics(results))
 
 
 @dataclass

@@ -148,15 +148,18 @@ def test_cli_adapter_vs_base(adapter_dir, eval_file, tmp_path, monkeypatch):
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
 
 
-def test_evaluate_generation_restores_training_mode(adapter_dir, eval_file):
+def test_end_of_training_generation_eval_restores_training_mode(adapter_dir, eval_file):
     model, tok = inference.load_for_inference(adapter_dir, device="cpu")
     model.train()
     rows = load_rows(str(eval_file))[0][:3]
-    metrics = generate.evaluate_generation(model, tok, rows, max_new_tokens=2, batch_size=2)
+    results, _ = generate.evaluate_model(model, tok, rows, max_new_tokens=2, batch_size=2)
     assert model.training
+    metrics = generate.flat_metrics(results)
     assert metrics["eval_gen_all_n"] == 3 and metrics["eval_gen_all_perplexity"] > 1
     assert metrics["eval_gen_ner_n"] == 1 and "eval_gen_source_NCBI-disease_entity_f1" in metrics
     assert all(isinstance(v, float) for v in metrics.values())
+    line = generate.headlines(results)
+    assert line.startswith("ner entity_f1=") and "(n=1)" in line and "source" not in line
 
 
 def test_baseline_flag_needs_an_adapter(tmp_path, eval_file):

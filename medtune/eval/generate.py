@@ -65,14 +65,18 @@ def evaluate_model(model, tokenizer, rows: Sequence[Row], max_new_tokens: int = 
     return score(rows, replies, losses), replies
 
 
-def evaluate_generation(model, tokenizer, rows: Sequence[Row], max_new_tokens: int = 128,
-                        batch_size: int = 8) -> dict[str, float]:
-    """End-of-training generation eval, flat and ready for `trainer.log`: eval_gen_<family>_<metric>,
+def flat_metrics(results: Mapping) -> dict[str, float]:
+    """`evaluate_model` results flat, ready for `trainer.log`: eval_gen_<family>_<metric>,
     eval_gen_source_<source>_<metric> and eval_gen_all_<n|loss|perplexity> (the "eval_" prefix puts them under
     eval/ in W&B and TensorBoard)."""
-    results, _ = evaluate_model(model, tokenizer, rows, max_new_tokens, batch_size)
     flat = {f"eval_gen_all_{k}": float(v) for k, v in results["overall"].items()}
     for prefix, group in (("", results["families"]), ("source_", results["sources"])):
         for name, metrics in group.items():
             flat.update({f"eval_gen_{prefix}{name}_{k}": float(v) for k, v in metrics.items() if k != "primary"})
     return flat
+
+
+def headlines(results: Mapping) -> str:
+    """One short line for the console: each family's headline metric and its number of rows."""
+    return ", ".join(f"{family} {m['primary']}={m[m['primary']]:.3g} (n={m['n']})"
+                     for family, m in results["families"].items())
