@@ -27,8 +27,8 @@ def upstream(tiny_model_dir):
         yield s
 
 
-def front_server(url: str, key: str = UPSTREAM_KEY, **backend_kwargs) -> LocalServer:
-    settings = ServerSettings(default_max_tokens=8, limits=LIMITS, api_key=FRONT_KEY)
+def front_server(url: str, key: str = UPSTREAM_KEY, request_timeout: float = 300.0, **backend_kwargs) -> LocalServer:
+    settings = ServerSettings(default_max_tokens=8, limits=LIMITS, api_key=FRONT_KEY, request_timeout=request_timeout)
     return LocalServer(create_app(UpstreamBackend(url, key, **backend_kwargs), settings))
 
 
@@ -89,6 +89,21 @@ def test_disconnect_at_the_front_stops_the_upstream_generation(front, upstream):
     wait_for(lambda: batcher.running == 0, what="the upstream to stop")
     assert batcher.stats["cancelled"] == before["cancelled"] + 1 and batcher.stats["finished"] == before["finished"]
     assert front.backend.health()["in_flight"] == 0
+
+
+def test_request_timeout_at_the_front_ends_an_upstream_stream(upstream):
+    batcher = upstream.backend.batcher
+    before = dict(batcher.stats)
+    with front_server(upstream.url + "/v1", request_timeout=0.3) as front:
+        # Nearly the upstream's whole context (512): longer than 0.3 s on any CPU.
+        streamed = httpx.post(front.url + "/v1/chat/completions", timeout=60,
+                              json={"messages": ASK, "max_tokens": 360, "stream": True},
+                              headers={"Authorization": f"Bearer {FRONT_KEY}"}).text
+        assert streamed.startswith("data: {")  # the upstream's stream had begun
+        assert '"code": "timeout"' in streamed.split("\n\n")[-2] and "[DONE]" not in streamed
+        wait_for(lambda: batcher.running == 0, what="the upstream to stop")
+        assert batcher.stats["cancelled"] == before["cancelled"] + 1
+        assert front.backend.health()["in_flight"] == 0
 
 
 def test_print_vllm_command_for_merged_model_and_adapter(tiny_model_dir, tmp_path, capsys):

@@ -14,6 +14,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,7 +24,7 @@ from starlette.background import BackgroundTask
 
 from medtune.inference import DEFAULT_SYSTEM_PROMPT
 from medtune.serve.errors import install_error_handlers, timeout_error
-from medtune.serve.protocol import Limits, chat_params, parse_request, read_body, response_meta
+from medtune.serve.protocol import Limits, chat_params, parse_request, read_body, response_meta, sse
 from medtune.serve.security import LOOPBACK_NAMES, Guard
 from medtune.serve.triage import triage_messages
 
@@ -66,6 +67,23 @@ async def _unless_gone(request: Request, work, deadline: float):
     finally:
         task.cancel()
         gone.cancel()
+
+
+async def _until_deadline(events: AsyncIterator[str], deadline: float) -> AsyncIterator[str]:
+    """The chunks of a stream until the deadline; then the stream ends with the timeout error (the headers are sent,
+    so it goes in the stream, and no [DONE] follows). Waiting for the next chunk is cancelled, so the backend's own
+    cleanup stops the generation, local or upstream."""
+    try:
+        while True:
+            try:
+                yield await asyncio.wait_for(anext(events), max(0.0, deadline - time.monotonic()))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
+                yield sse(timeout_error().body())
+                return
+    finally:
+        await events.aclose()
 
 
 def create_app(backend, settings: ServerSettings | None = None) -> FastAPI:
@@ -111,7 +129,8 @@ def create_app(backend, settings: ServerSettings | None = None) -> FastAPI:
         if req.stream:
             events, cleanup = await backend.stream(params, response_meta(), triage, deadline)
             # cleanup also runs when the client left before the first chunk (the stream never started)
-            return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(cleanup),
+            return StreamingResponse(_until_deadline(events, deadline), media_type="text/event-stream",
+                                     background=BackgroundTask(cleanup),
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _unless_gone(request, backend.complete(params, response_meta(), triage, deadline), deadline)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import AsyncIterator, Awaitable, Callable
 
 from medtune.chat_format import encode_messages
@@ -67,7 +65,7 @@ class LocalBackend:
                     return completion_body({**meta, "model": self.name}, triage, "".join(text), value.reason,
                                            usage(value.prompt_tokens, value.completion_tokens))
                 else:
-                    raise timeout_error() if kind == "timeout" else APIError(500, value, type="server_error")
+                    raise _event_error(kind, value)
         finally:  # also when the caller gives up (client gone, timeout): the batcher drops the row
             self.batcher.cancel(job)
 
@@ -85,10 +83,7 @@ class LocalBackend:
         try:
             yield chunk(meta, {"role": "assistant", "content": ""}, triage=triage)
             while True:
-                try:
-                    events = [await asyncio.wait_for(job.events.get(), job.deadline - time.monotonic())]
-                except TimeoutError:  # still queued, or the batcher has not reached its next step yet
-                    events = [("timeout", None)]
+                events = [await job.events.get()]  # the app ends the stream at the deadline (medtune.serve.app)
                 while not job.events.empty():  # what else has arrived: one write for a client that lags behind
                     events.append(job.events.get_nowait())
                 out, ended = [], False
@@ -102,8 +97,7 @@ class LocalBackend:
                             out.append(chunk(meta, None, usage=usage(value.prompt_tokens, value.completion_tokens)))
                         out.append(sse("[DONE]"))
                     else:  # headers are sent: the error goes in the stream, and no [DONE] follows
-                        error = timeout_error() if kind == "timeout" else APIError(500, value, type="server_error")
-                        out.append(sse(error.body()))
+                        out.append(sse(_event_error(kind, value).body()))
                     ended = True
                     break
                 yield "".join(out)
@@ -111,3 +105,8 @@ class LocalBackend:
                     return
         finally:  # also on client disconnect (Starlette cancels the stream): the batcher drops the row
             self.batcher.cancel(job)
+
+
+def _event_error(kind: str, value) -> APIError:
+    """The error a batcher event other than text or finish stands for: its timeout, or a failed generation."""
+    return timeout_error() if kind == "timeout" else APIError(500, value, type="server_error")
