@@ -73,8 +73,9 @@ def load_round(url: str, clients: int, requests: int, max_tokens: int, stream: b
                     replies[i] = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"])
                     tokens[c] += chunks[-1]["usage"]["completion_tokens"]
                 else:
-                    replies[i] = r.json()["choices"][0]["message"]["content"]
-                    tokens[c] += r.json()["usage"]["completion_tokens"]
+                    body = r.json()
+                    replies[i] = body["choices"][0]["message"]["content"]
+                    tokens[c] += body["usage"]["completion_tokens"]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:

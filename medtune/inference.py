@@ -56,9 +56,14 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
+def adapter_config(path: str | Path) -> dict:
+    """peft's adapter_config.json of an adapter folder."""
+    return json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+
+
 def adapter_base(path: str | Path) -> str:
     """The base model recorded by peft in adapter_config.json."""
-    return json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    return adapter_config(path)["base_model_name_or_path"]
 
 
 def load_inference_tokenizer(path: str | Path, fallback: str | Path | None = None):
@@ -129,7 +134,7 @@ def _generate_kwargs(tok, max_new_tokens: int, temperature: float, top_p: float)
     return dict(kwargs, do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
-def _batch(tok, prompts: list[list[int]], device) -> dict[str, torch.Tensor]:
+def left_padded(tok, prompts: list[list[int]], device) -> dict[str, torch.Tensor]:
     """Left-padded token id lists (generation continues from the right edge)."""
     enc = tok.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
@@ -149,7 +154,7 @@ def complete(model, tok, conversations: Sequence[Messages], max_new_tokens: int 
              temperature: float = 0.0, top_p: float = 1.0) -> list[Completion]:
     """Replies with finish reasons and token counts for a batch of conversations."""
     prompts = [encode_messages(tok, c) for c in conversations]
-    batch = _batch(tok, prompts, model.device)
+    batch = left_padded(tok, prompts, model.device)
     out = model.generate(**batch, **_generate_kwargs(tok, max_new_tokens, temperature, top_p))
     width = batch["input_ids"].shape[1]
     completions = []
@@ -204,7 +209,7 @@ class TextStream:
         self._streamer = _CountingStreamer(tok)
         self._started = self._done = False
         kwargs = dict(
-            _batch(tok, [prompt], model.device), **_generate_kwargs(tok, max_new_tokens, temperature, top_p),
+            left_padded(tok, [prompt], model.device), **_generate_kwargs(tok, max_new_tokens, temperature, top_p),
             streamer=self._streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(self._stop)]),
         )
         self._thread = threading.Thread(target=self._run, args=(model, kwargs), daemon=True)

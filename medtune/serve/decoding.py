@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache, TopPLogitsWarper
 
 from medtune.chat_format import END_OF_TURN
-from medtune.inference import GREEDY_TEMPERATURE
+from medtune.inference import GREEDY_TEMPERATURE, left_padded
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,14 @@ class DecodeBatch:
     def __init__(self, model, tok, prompts: list[list[int]], samplings: list[Sampling]):
         self.model, self.samplings = model, samplings
         self.eot = tok.convert_tokens_to_ids(END_OF_TURN)
-        enc = tok.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt")
-        self.mask = enc["attention_mask"].to(model.device)
+        enc = left_padded(tok, prompts, model.device)
+        self.mask = enc["attention_mask"]
         # Positions count real tokens only, so a padded row sees the positions it would see alone.
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = DynamicCache(config=model.config)
         self.rows = list(range(len(prompts)))
         self.steps = 0
-        self._logits = self._forward(enc["input_ids"].to(model.device))
+        self._logits = self._forward(enc["input_ids"])
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=self.positions,

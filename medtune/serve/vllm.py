@@ -20,7 +20,7 @@ import shlex
 from pathlib import Path
 
 from medtune.chat_format import CHAT_TEMPLATE
-from medtune.inference import ADAPTER_CONFIG, is_adapter
+from medtune.inference import ADAPTER_CONFIG, adapter_config, is_adapter
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # MaxLoRARanks in vllm/config/lora.py
 
@@ -30,7 +30,7 @@ def vllm_args(model: str | Path, name: str | None = None, max_model_len: int | N
     path = Path(model).resolve()
     name = name or path.name
     if is_adapter(path):
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
+        config = adapter_config(path)
         rank = int(config["r"])
         max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
         if max_rank is None:
