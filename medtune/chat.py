@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from medtune.command_line import add_runtime_arguments
-from medtune.inference import DEFAULT_SYSTEM_PROMPT, load_for_inference_or_demo, stream, with_system_prompt
+from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
+from medtune.inference import load_for_inference_or_demo, stream
 from medtune.serve.triage import triage_text
 
 HELP = "Commands: /reset new conversation, /exit quit, /help this text. Ctrl-C stops a reply."

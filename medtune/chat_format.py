@@ -5,6 +5,9 @@
 Turn boundaries are the `<|end_of_turn|>` token *id*. Text supplied by a person (a dataset row, a chat message)
 is tokenized with `split_special_tokens=True`, so a typed "<|end_of_turn|>" stays plain text and can never
 become the boundary id; only the template itself inserts special ids.
+
+Also here, for the same users and with nothing heavy to import: the default system prompt of the chat commands and
+the temperature below which a request means greedy decoding.
 """
 
 from __future__ import annotations
@@ -28,11 +31,30 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ 'GPT4 Correct Assistant:' }}{% endif %}"
 )
 
+# Temperatures below this mean greedy decoding: dividing logits by a tiny temperature overflows to inf/nan. vLLM
+# uses the same bound (_SAMPLING_EPS = 1e-5 in vllm/sampling_params.py).
+GREEDY_TEMPERATURE = 1e-5
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a careful medical assistant for symptom consultation. Ask for missing details that matter (age, "
+    "how long, how severe, other symptoms, medicines, known conditions), explain the likely causes in plain "
+    "language, suggest safe self-care, and say when and where to seek care. You are not a doctor and cannot "
+    "diagnose. If the symptoms could be an emergency (chest pain, trouble breathing, signs of stroke, severe "
+    "bleeding, thoughts of self-harm), tell the person to call emergency services now."
+)
+
 
 def user_message(instruction: str, input_text: str = "") -> str:
     """The user turn for a MedTuned row: the instruction, then the input (if any) after a blank line."""
     instruction, input_text = instruction.strip(), input_text.strip()
     return f"{instruction}\n\n{input_text}" if input_text else instruction
+
+
+def with_system_prompt(messages: Sequence[Mapping[str, str]], system_prompt: str) -> list[dict]:
+    """The conversation with `system_prompt` first, unless it already has a system message."""
+    messages = [dict(m) for m in messages]
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
 
 
 def render_messages(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:

@@ -20,7 +20,8 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from medtune.chat_format import END_OF_TURN
-from medtune.inference import adapter_base, is_adapter, load_inference_tokenizer
+from medtune.adapters import adapter_base, is_adapter
+from medtune.inference import load_inference_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DISCLAIMER = (

@@ -7,7 +7,6 @@ Shared by the terminal chat, the HTTP server and evaluation. Prompts are built w
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -23,21 +22,11 @@ from transformers import (
 )
 
 from medtune import model as medtune_model
-from medtune.chat_format import END_OF_TURN, encode_messages
+from medtune.adapters import adapter_base, is_adapter
+from medtune.chat_format import END_OF_TURN, GREEDY_TEMPERATURE, encode_messages
 
 Messages = Sequence[Mapping[str, str]]
-ADAPTER_CONFIG = "adapter_config.json"
 DEMO_MODEL = ".cache/tiny-starling"
-# Temperatures below this mean greedy decoding: dividing logits by a tiny temperature overflows to inf/nan. vLLM
-# uses the same bound (_SAMPLING_EPS = 1e-5 in vllm/sampling_params.py).
-GREEDY_TEMPERATURE = 1e-5
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a careful medical assistant for symptom consultation. Ask for missing details that matter (age, "
-    "how long, how severe, other symptoms, medicines, known conditions), explain the likely causes in plain "
-    "language, suggest safe self-care, and say when and where to seek care. You are not a doctor and cannot "
-    "diagnose. If the symptoms could be an emergency (chest pain, trouble breathing, signs of stroke, severe "
-    "bleeding, thoughts of self-harm), tell the person to call emergency services now."
-)
 
 
 @dataclass
@@ -52,20 +41,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def is_adapter(path: str | Path) -> bool:
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def adapter_config(path: str | Path) -> dict:
-    """peft's adapter_config.json of an adapter folder."""
-    return json.loads((Path(path) / ADAPTER_CONFIG).read_text())
-
-
-def adapter_base(path: str | Path) -> str:
-    """The base model recorded by peft in adapter_config.json."""
-    return adapter_config(path)["base_model_name_or_path"]
-
-
 def load_inference_tokenizer(path: str | Path, fallback: str | Path | None = None):
     """Starling tokenizer from `path` (an adapter folder carries one) or else `fallback`; left padding for
     generation."""
@@ -77,14 +52,6 @@ def load_inference_tokenizer(path: str | Path, fallback: str | Path | None = Non
         tok = medtune_model.load_tokenizer(fallback)
     tok.padding_side = "left"
     return tok
-
-
-def with_system_prompt(messages: Messages, system_prompt: str) -> list[dict]:
-    """The conversation with `system_prompt` first, unless it already has a system message."""
-    messages = [dict(m) for m in messages]
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
 
 
 def load_for_inference(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,

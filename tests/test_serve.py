@@ -9,7 +9,8 @@ import pytest
 from serve_helpers import LIMITS, local_server
 
 from medtune.chat_format import END_OF_TURN, encode_messages
-from medtune.inference import DEFAULT_SYSTEM_PROMPT, load_for_inference, with_system_prompt
+from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
+from medtune.inference import load_for_inference
 from medtune.serve.app import ServerSettings
 
 KEY = "sk-test-0123456789"

@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
+from medtune import adapters
 from medtune.command_line import add_runtime_arguments
 from medtune.data.rows import RowReport, is_local, json_lines
 from medtune.eval.report import log_wandb, write_report
@@ -79,15 +80,15 @@ def _evaluate_models(args, rows: list[dict]) -> tuple[dict, list[str], dict | No
     from medtune import inference
     from medtune.eval.generate import evaluate_model
 
-    adapter = inference.is_adapter(args.model)
+    adapter = adapters.is_adapter(args.model)
     model, tokenizer = inference.load_for_inference(args.model, device=args.device, dtype=args.dtype)
-    baseline = inference.adapter_base(args.model) if args.baseline == AUTO else args.baseline
+    baseline = adapters.adapter_base(args.model) if args.baseline == AUTO else args.baseline
     print(f"evaluating {args.model} on {len(rows)} rows")
     results, replies = evaluate_model(model, tokenizer, rows, args.max_new_tokens, args.batch_size)
     if baseline is None:
         return results, replies, None, None, None
     print(f"evaluating baseline {baseline}")
-    if adapter and baseline == inference.adapter_base(args.model):
+    if adapter and baseline == adapters.adapter_base(args.model):
         context = model.disable_adapter()  # the same weights without the adapter: no second load
     else:  # another model: free the tuned one first (two 7B models rarely fit together)
         del model
@@ -102,9 +103,7 @@ def _evaluate_models(args, rows: list[dict]) -> tuple[dict, list[str], dict | No
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.baseline == AUTO:
-        from medtune import inference
-
-        if not inference.is_adapter(args.model):
+        if not adapters.is_adapter(args.model):
             raise SystemExit("--baseline without a value needs --model to be a LoRA adapter folder; "
                              "pass the base model path explicitly")
     rows, read = load_rows(args.data, args.split)

@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 
-from medtune.inference import DEFAULT_SYSTEM_PROMPT
+from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
 from medtune.serve.errors import install_error_handlers, timeout_error
 from medtune.serve.protocol import Limits, chat_params, parse_request, read_body, response_meta, sse
 from medtune.serve.security import LOOPBACK_NAMES, Guard

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from medtune.command_line import add_runtime_arguments
-from medtune.inference import DEFAULT_SYSTEM_PROMPT
+from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
 from medtune.serve.protocol import Limits
 from medtune.serve.security import allowed_hosts, is_loopback
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, TopPLogitsWarper
 
-from medtune.chat_format import END_OF_TURN
-from medtune.inference import GREEDY_TEMPERATURE, left_padded
+from medtune.chat_format import END_OF_TURN, GREEDY_TEMPERATURE
+from medtune.inference import left_padded
 
 
 @dataclass(frozen=True)

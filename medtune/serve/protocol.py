@@ -11,7 +11,7 @@ from typing import Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medtune.inference import GREEDY_TEMPERATURE, with_system_prompt
+from medtune.chat_format import GREEDY_TEMPERATURE, with_system_prompt
 from medtune.serve.errors import APIError
 
 

@@ -20,7 +20,7 @@ import shlex
 from pathlib import Path
 
 from medtune.chat_format import CHAT_TEMPLATE
-from medtune.inference import ADAPTER_CONFIG, adapter_config, is_adapter
+from medtune.adapters import ADAPTER_CONFIG, adapter_config, is_adapter
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # MaxLoRARanks in vllm/config/lora.py
 
