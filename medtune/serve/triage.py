@@ -69,7 +69,10 @@ class _Phrase:
     def starts(self, index: Mapping[str, list[int]]) -> Iterable[int]:
         """Positions where the first word matches, from the sentence's word -> positions index."""
         exact, prefixes = self.parts[0]
-        return [i for w, positions in index.items() if w in exact or w.startswith(prefixes) for i in positions]
+        found = [i for w in exact for i in index.get(w, ())]  # looked up: most phrases start with exact words
+        if prefixes:
+            found += [i for w, at in index.items() if w not in exact and w.startswith(prefixes) for i in at]
+        return found
 
     def match_at(self, tokens: list[str], i: int, k: int = 0) -> bool:
         if k == len(self.parts):
@@ -108,7 +111,8 @@ class Rules:
         self.spellings = [(tuple(_tokens(k)), _tokens(v)) for k, v in data.get("spellings", {}).items()]
         fuzzy = data.get("fuzzy", {})
         self.fuzzy_min = int(fuzzy.get("min_length", 5))
-        self._corrections: dict[str, str] = {}
+        # Cached per word, bounded: the words come from users, and a server runs for weeks.
+        self._correction = lru_cache(maxsize=8192)(self._closest_target)
         self.targets = set(fuzzy.get("targets", []))
         self.keep = set(fuzzy.get("keep", []))
         self.rules = []
@@ -135,10 +139,12 @@ class Rules:
     def _fuzzy(self, token: str) -> str:
         if len(token) < self.fuzzy_min or token in self.known:
             return token
-        if token not in self._corrections:
-            close = [t for t in self.targets if _one_edit(token, t)]
-            self._corrections[token] = close[0] if len(close) == 1 else token
-        return self._corrections[token]
+        return self._correction(token)
+
+    def _closest_target(self, token: str) -> str:
+        """The one rule word `token` is a single edit away from, else `token` itself."""
+        close = [t for t in self.targets if _one_edit(token, t)]
+        return close[0] if len(close) == 1 else token
 
     def negated(self, tokens: list[str], start: int) -> bool:
         """NegEx: a negation trigger within `window` words before `start`, in the same clause, not a pseudo one."""
