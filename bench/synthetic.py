@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medtune.eval.scorers import labels
+
 Spec = tuple[float, float, int, int]  # lognormal median, sigma, clip low, clip high (Starling tokens)
 
 
@@ -60,11 +62,7 @@ SOURCES = (
     Source("chatdoctor", 0.280, 18, (80, 0.60, 10, 600), "dialogue"),
     Source("pmc_llama", 0.249, 30, (25, 0.60, 5, 200), "pmc_llama"),
 )
-HALLMARKS = ("Sustaining proliferative signaling (PS)", "Evading growth suppressors (GS)", "Resisting cell death (CD)",
-             "Enabling replicative immortality (RI)", "Inducing angiogenesis (A)",
-             "Activating invasion & metastasis (IM)", "Genome instability & mutation (GI)",
-             "Tumor-promoting inflammation (TPI)", "Deregulating cellular energetics (CE)",
-             "Avoiding immune destruction (ID)")
+HALLMARKS = tuple(f"{names[0]} ({abbr})" for abbr, names in labels.HALLMARKS.items())  # as the dataset writes them
 I2B2_TYPES = ("PROBLEM", "TREATMENT", "TEST", "OCCURRENCE", "CLINICAL_DEPT", "EVIDENTIAL")
 HOC_NONE, HOC_LABELS = 0.745, ((1, 0.83), (2, 0.15), (3, 0.02))  # measured on HoC train (12,119 sentences)
 DIALOGUE_REPLY: Spec = (130, 0.50, 15, 700)

@@ -16,14 +16,14 @@ from medtune.eval.sources import source_of
 
 COLUMNS = ("scope", "name", "n", "metric", "base", "value", "delta")
 # Metrics computed on a subset of the rows: the table's n is that subset's size.
+# (Dialogue's rougeL_f has no n_rougeL: all its rows count.)
 SUBSET_N = {"medmcqa_accuracy": ("n_medmcqa",), "pubmedqa_accuracy": ("n_pubmedqa",),
-            "answer_accuracy": ("n_medmcqa", "n_pubmedqa")}
+            "answer_accuracy": ("n_medmcqa", "n_pubmedqa"), "rougeL_f": ("n_rougeL",)}
 
 
 def _n(metrics: Mapping, metric: str) -> int:
-    if metric == "rougeL_f" and "n_rougeL" in metrics:
-        return int(metrics["n_rougeL"])
-    return int(sum(metrics[k] for k in SUBSET_N[metric]) if metric in SUBSET_N else metrics["n"])
+    subset = SUBSET_N.get(metric, ())
+    return int(sum(metrics[k] for k in subset) if subset and all(k in metrics for k in subset) else metrics["n"])
 
 
 def table_rows(results: Mapping, base: Mapping | None = None) -> list[dict]:

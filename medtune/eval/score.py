@@ -30,9 +30,14 @@ def score(rows: Sequence[Row], replies: Sequence[str], losses: Losses | None = N
         sources[source].append(i)
         family_of_source[source] = family
 
+    scored: dict[tuple, dict] = {}  # a family with one source (MedNLI, hoc, ...) is that source's rows: score once
+
     def entry(family: str, idx: Sequence[int]) -> dict:
-        result = scorers.score(family, [rows[i]["output"] for i in idx], [replies[i] for i in idx])
-        return {**result, "loss": _loss(losses, idx)} if losses is not None else result
+        key = (family, tuple(idx))
+        if key not in scored:
+            result = scorers.score(family, [rows[i]["output"] for i in idx], [replies[i] for i in idx])
+            scored[key] = {**result, "loss": _loss(losses, idx)} if losses is not None else result
+        return dict(scored[key])
 
     overall: dict = {"n": len(rows)}
     if losses is not None:

@@ -47,7 +47,8 @@ def _any(*patterns: str, flags: int = re.IGNORECASE) -> re.Pattern:
 
 
 _PMC_MARKERS = _any(r"###\s*(?:Question|Options|Context|Answer|Rationale)\s*:")
-_I2B2_RE = re.compile(r"@(?:problem|test|treatment)\$|\b(?:TrIP|TrWP|TrCP|TrAP|TrNAP|TeRP|TeCP|PIP)\b")
+I2B2_RELATIONS = ("TrIP", "TrWP", "TrCP", "TrAP", "TrNAP", "TeRP", "TeCP", "PIP")  # i2b2-2010's relation codes
+_I2B2_RE = re.compile(r"@(?:problem|test|treatment)\$|\b(?:" + "|".join(I2B2_RELATIONS) + r")\b")
 _GAD = re.compile(r"@(?:GENE|DISEASE)\$")
 _NER = _any(r"\bBIO\b", r"\bnamed[- ]entit", r"\bentity recognition")
 _NER_CORPUS = (  # what the corpus tags; i2b2-2012's typed label names are upper case in its instructions

@@ -11,16 +11,16 @@ import re
 from typing import Sequence
 
 from medtune.eval.scorers.text import f1, mean
+from medtune.eval.sources import I2B2_RELATIONS
 
 Scores = dict[str, float]
 
-# i2b2-2010 relation codes (case-sensitive: "PIP" is a label, "pip" is not) and the two negative labels.
-I2B2_RELATIONS = ("TrIP", "TrWP", "TrCP", "TrAP", "TrNAP", "TeRP", "TeCP", "PIP")
+# The two negative relation labels; the i2b2-2010 codes are case-sensitive ("PIP" is a label, "pip" is not).
 NO_RELATION, GAD_POSITIVE, GAD_NEGATIVE = "No Relations", "Positive", "Negative"
 NEGATIVES = frozenset({NO_RELATION, GAD_NEGATIVE})
 _RELATION = re.compile(r"\b(?:" + "|".join(I2B2_RELATIONS) + r")\b|(?i:\bno relations?\b|\bpositive\b|\bnegative\b)")
 NLI_LABELS = ("Entailment", "Contradiction", "Neutral")
-_NLI = re.compile(r"(?i)\b(entailment|contradiction|neutral)\b")
+_NLI = re.compile(r"(?i)\b(" + "|".join(NLI_LABELS) + r")\b")
 
 # Hallmarks of Cancer as the dataset writes them (name with abbreviation), and the names HoC itself uses.
 HALLMARKS = {
