@@ -38,15 +38,8 @@ def run_info(recipe, prepared, adjustments=()) -> dict:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     stats = prepared.stats.as_dict() if prepared is not None else {}
     return {
-        "recipe": {
-            "path": recipe.path,
-            "data": dataclasses.asdict(recipe.data),
-            "model": dataclasses.asdict(recipe.model),
-            "training": recipe.training.to_dict(),
-            "checkpointing": dataclasses.asdict(recipe.checkpointing),
-            "after_training": dataclasses.asdict(recipe.after_training),
-            "monitoring": dataclasses.asdict(recipe.monitoring),
-        },
+        "recipe": {"path": recipe.path, **{f.name: _as_dict(getattr(recipe, f.name))
+                                            for f in dataclasses.fields(recipe) if f.name != "path"}},
         "adjusted": {a.key: {"recipe": a.recipe, "used": a.used, "reason": a.reason} for a in adjustments},
         "versions": {"python": platform.python_version(), **versions},
         "git_commit": commit,
@@ -54,6 +47,11 @@ def run_info(recipe, prepared, adjustments=()) -> dict:
                      "nodes": max(world // max(local, 1), 1), "host": platform.node()},
         "data": stats,
     }
+
+
+def _as_dict(section) -> dict:
+    # TrainingArguments' own to_dict writes enums as their values and hides tokens.
+    return section.to_dict() if hasattr(section, "to_dict") else dataclasses.asdict(section)
 
 
 def write_run_info(output_dir: str | os.PathLike, info: dict) -> None:
