@@ -27,8 +27,9 @@ async function contextSize() {
   return models[0]?.max_model_len || null;
 }
 
-// Streams a reply: onFirst(chunk) once (it carries the triage), onDelta(text) per piece. Resolves true when the
-// server ended the reply ([DONE]), false when the stream was cut before that.
+// Streams a reply: onFirst(chunk) once (it carries the triage), onDelta(text) once per read with the pieces that
+// arrived together (the page re-renders the whole reply on each call). Resolves true when the server ended the
+// reply ([DONE]), false when the stream was cut before that.
 async function streamReply(messages, {onFirst, onDelta}, signal) {
   const res = await apiFetch("/v1/chat/completions", {
     method: "POST", body: JSON.stringify({messages, stream: true}), signal,
@@ -43,15 +44,19 @@ async function streamReply(messages, {onFirst, onDelta}, signal) {
     buffer += decoder.decode(value, {stream: true});
     const events = buffer.split("\n\n");
     buffer = events.pop();  // an incomplete event waits for the next read
-    for (const event of events) {
-      const data = event.replace(/^data: ?/, "");
-      if (data === "[DONE]") return true;
-      const chunk = JSON.parse(data);
-      if (chunk.error) throw new Error(chunk.error.message);
-      if (first) onFirst(chunk);
-      first = false;
-      const text = chunk.choices?.[0]?.delta?.content;
-      if (text) onDelta(text);
+    let text = "";
+    try {
+      for (const event of events) {
+        const data = event.replace(/^data: ?/, "");
+        if (data === "[DONE]") return true;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        if (first) onFirst(chunk);
+        first = false;
+        text += chunk.choices?.[0]?.delta?.content || "";
+      }
+    } finally {
+      if (text) onDelta(text);  // also before [DONE] or an error ends the stream
     }
   }
 }
