@@ -9,6 +9,7 @@ instead.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -68,7 +69,8 @@ def cluster(tmp_path_factory):
 
 
 def submit(cluster: SlurmCluster, tmp_path: Path, out: Path, tiny_model_dir: Path, accelerate_config: str,
-           steps: int, env: dict[str, str] | None = None) -> tuple[str, Path]:
+           steps: int, env: dict[str, str] | None = None, overrides: tuple[str, ...] = ()) -> tuple[str, Path]:
+    """`overrides`: recipe arguments after the defaults below (the last value of a key wins)."""
     logs = tmp_path / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     job_env = {"MEDTUNE_CPU": "1", "RECIPE": str(TINY_RECIPE), "MASTER_PORT": str(free_port()),
@@ -81,7 +83,7 @@ def submit(cluster: SlurmCluster, tmp_path: Path, out: Path, tiny_model_dir: Pat
         "--data_cache_dir", str(tmp_path / "data-cache"), "--max_steps", str(steps), "--max_length", "128",
         "--learning_rate", "1e-2", "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "steps",
         "--save_steps", str(steps), "--sample_prompt", "", "--generation_eval_samples", "0", "--report_to", "none",
-        cwd=ROOT, env=job_env,
+        *overrides, cwd=ROOT, env=job_env,
     )
     return job, logs / f"medtune-{job}.out"
 
@@ -141,21 +143,28 @@ def seconds_between(first: str, second: str) -> float:
 
 @pytest.mark.slow
 def test_preempted_job_is_requeued_by_the_batch_shell_and_finishes(cluster, tiny_model_dir, tmp_path):
-    """USR1 to the batch shell (what `#SBATCH --signal=B:USR1@300` does before the time limit) of a job with two
-    ranks per node, whose rank 0 ends training 5 s after the others (as W&B's finish can): the ranks checkpoint and
-    exit "preempted", the batch shell requeues the job, and the requeued job resumes from the checkpoint and
-    finishes."""
+    """The reference recipe's strategies (evaluation and a checkpoint per epoch, W&B on, offline), two ranks per
+    node, rank 0 ending training 5 s after the others (as W&B's finish can): USR1 to the batch shell (what
+    `#SBATCH --signal=B:USR1@300` does before the time limit) mid-epoch. The ranks checkpoint without evaluating
+    and exit "preempted", the batch shell requeues the job, and the requeued job resumes from the checkpoint into
+    the same W&B run, evaluates once at the epoch end and finishes."""
     from medtune.checkpoints import find_resume_checkpoint, step_of
+    from medtune.monitoring import RUN_ID_FILE
 
-    steps, out = 10, tmp_path / "out"
-    job, log = submit(cluster, tmp_path, out, tiny_model_dir, "multi_gpu_multinode.yaml", steps,
-                      env={"PROCS_PER_NODE": "2", "TRAIN_SCRIPT": "tests/slurm_train.py", "SLOW_END_SECONDS": "5"})
+    out = tmp_path / "out"
+    reference = ("--max_steps", "-1", "--num_train_epochs", "1", "--max_train_samples", "96",  # ~12 steps
+                 "--max_eval_samples", "8", "--eval_strategy", "epoch", "--save_strategy", "epoch",
+                 "--report_to", "wandb")
+    job, log = submit(cluster, tmp_path, out, tiny_model_dir, "multi_gpu_multinode.yaml", 10,
+                      env={"PROCS_PER_NODE": "2", "TRAIN_SCRIPT": "tests/slurm_train.py", "SLOW_END_SECONDS": "5"},
+                      overrides=reference)
     wait_for(cluster, job, log, lambda text: text.count("'loss'") >= 2)
     cluster.scancel("--batch", "--signal=USR1", job)
 
     wait_restarts(cluster, job, log, 1)
     checkpoint = find_resume_checkpoint(out)
-    assert checkpoint is not None and step_of(checkpoint) < steps, read(log)[-6000:]
+    assert checkpoint is not None, read(log)[-6000:]
+    run_id = (Path(checkpoint) / RUN_ID_FILE).read_text()
     info = cluster.wait_state(job, DONE, timeout=600)
     text = read(log)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text[-6000:]}"
@@ -166,8 +175,15 @@ def test_preempted_job_is_requeued_by_the_batch_shell_and_finishes(cluster, tiny
     requeued = re.search(rf"medtune: job={job} requeueing at (\S+): the ranks stopped for a signal", first)
     assert signalled and requeued, first[-6000:]
     print(f"USR1 -> requeue: {seconds_between(signalled.group(1), requeued.group(1)):.0f} s")
+    assert "'eval_loss'" not in first, "evaluated after the stop"
     assert f"resuming from {checkpoint}" in run_of(text, job, 1)
-    assert sorted(losses(out)) == list(range(1, steps + 1))
+    end = Path(find_resume_checkpoint(out))
+    assert step_of(checkpoint) < step_of(end), "stopped at the epoch's end: nothing left to resume"
+    assert sorted(losses(end)) == list(range(1, step_of(end) + 1))
+    history = json.loads((end / "trainer_state.json").read_text())["log_history"]
+    assert len([e for e in history if "eval_loss" in e]) == 1
+    assert (end / RUN_ID_FILE).read_text() == run_id, "resumed into another W&B run"
+    assert list(out.glob("wandb/offline-run-*"))
     assert (out / "adapter_model.safetensors").exists()
 
 
