@@ -156,7 +156,10 @@ def test_preempted_job_is_requeued_by_the_batch_shell_and_finishes(cluster, tiny
                  "--max_eval_samples", "8", "--eval_strategy", "epoch", "--save_strategy", "epoch",
                  "--report_to", "wandb")
     job, log = submit(cluster, tmp_path, out, tiny_model_dir, "multi_gpu_multinode.yaml", 10,
-                      env={"PROCS_PER_NODE": "2", "TRAIN_SCRIPT": "tests/slurm_train.py", "SLOW_END_SECONDS": "5"},
+                      env={"PROCS_PER_NODE": "2", "TRAIN_SCRIPT": "tests/slurm_train.py", "SLOW_END_SECONDS": "5",
+                           # Submitted from a process that used W&B (a notebook; this test session): its service
+                           # token, which sbatch passes on, names a socket the job cannot reach.
+                           "WANDB_SERVICE": f"3-{os.getpid()}-unix-{tmp_path}/gone.sock"},
                       overrides=reference)
     wait_for(cluster, job, log, lambda text: text.count("'loss'") >= 2)
     cluster.scancel("--batch", "--signal=USR1", job)
@@ -176,6 +179,7 @@ def test_preempted_job_is_requeued_by_the_batch_shell_and_finishes(cluster, tiny
     assert signalled and requeued, first[-6000:]
     print(f"USR1 -> requeue: {seconds_between(signalled.group(1), requeued.group(1)):.0f} s")
     assert "'eval_loss'" not in first, "evaluated after the stop"
+    assert "W&B could not start" not in text, text[-6000:]
     assert f"resuming from {checkpoint}" in run_of(text, job, 1)
     end = Path(find_resume_checkpoint(out))
     assert step_of(checkpoint) < step_of(end), "stopped at the epoch's end: nothing left to resume"
