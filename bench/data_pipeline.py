@@ -37,16 +37,16 @@ def _real_tokens(dataset, column: str = "input_ids") -> int:
     return int(pc.sum(pc.list_value_length(dataset.data.column(column))).as_py())
 
 
-def run_medtune(data_file: Path, tokenizer, max_length: int, rows: int) -> tuple[dict, dict]:
+def run_medtune(data_file: Path, fmt, max_length: int, rows: int) -> tuple[dict, dict]:
     from medtune.data import prepare_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = medtune_recipe(data_file, TINY_DIR, Path(tmp), Path(tmp) / "out", max_length)
         start, cpu = time.perf_counter(), time.process_time()
-        prepared = prepare_dataset(recipe, tokenizer)
+        prepared = prepare_dataset(recipe, fmt)
         cold, cpu = time.perf_counter() - start, time.process_time() - cpu
         start = time.perf_counter()
-        again = prepare_dataset(recipe, tokenizer)
+        again = prepare_dataset(recipe, fmt)
         hit = time.perf_counter() - start
         assert len(again.train) == len(prepared.train)
         tokens, slots = prepared.stats.tokens, len(prepared.train) * max_length
@@ -105,6 +105,7 @@ def length_percentiles(data_file: Path, tokenizer, sample: int = 5000) -> dict:
 def run(rows: int, repeats: int, max_length: int, seed: int = 0) -> dict:
     import datasets
 
+    from medtune.chat_format import ChatFormat
     from medtune.model import load_tokenizer
     from medtune.tiny import build_tiny_model
 
@@ -113,12 +114,12 @@ def run(rows: int, repeats: int, max_length: int, seed: int = 0) -> dict:
     build_tiny_model(TINY_DIR)
     # One tokenizer per pipeline, as in real runs: the tutorial's padding/truncation calls change the backend
     # tokenizer's state, which must not leak into medtune's side.
-    tokenizer, medtune_tokenizer = load_tokenizer(str(TINY_DIR)), load_tokenizer(str(TINY_DIR))
+    tokenizer, medtune_format = load_tokenizer(str(TINY_DIR)), ChatFormat(load_tokenizer(str(TINY_DIR)))
     data_file = synthetic.write_jsonl(rows, synthetic.default_path(rows, seed), seed)
     hits: list[dict] = []
 
     def medtune_side() -> dict:
-        result, hit = run_medtune(data_file, medtune_tokenizer, max_length, rows)
+        result, hit = run_medtune(data_file, medtune_format, max_length, rows)
         hits.append(hit)
         return result
 

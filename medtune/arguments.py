@@ -44,6 +44,11 @@ class DataArguments:
     data_cache_dir: str = field(
         default=".cache/medtune/data", metadata={"help": "Where tokenized + packed datasets are cached."}
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Chat template (a Jinja string, or the path of a .jinja file) in place of the tokenizer's "
+                  "own; it is saved with the adapter, so chat, serving and export use it too."},
+    )
 
 
 @dataclass

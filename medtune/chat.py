@@ -14,7 +14,9 @@ from typing import Callable, TextIO
 
 from medtune.command_line import add_runtime_arguments
 from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
-from medtune.inference import load_for_inference_or_demo, stream
+from medtune.decoding import Stream
+from medtune.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, Sampling
+from medtune.inference import load_for_inference_or_demo
 from medtune.serve.triage import triage_text
 
 HELP = "Commands: /reset new conversation, /exit quit, /help this text. Ctrl-C stops a reply."
@@ -25,12 +27,12 @@ DISCLAIMER = ("Not a doctor: answers may be wrong. For emergency symptoms call y
 @dataclass
 class ChatOptions:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    max_new_tokens: int = 256
-    temperature: float = 0.7
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
     top_p: float = 1.0
 
 
-def chat_loop(model, tok, options: ChatOptions, read: Callable[[str], str] = input, out: TextIO | None = None):
+def chat_loop(model, fmt, options: ChatOptions, read: Callable[[str], str] = input, out: TextIO | None = None):
     """Read-reply loop; `read` raises EOFError at the end of input; replies go to `out` (default stdout)."""
     out = out or sys.stdout
     history: list[dict] = []
@@ -56,8 +58,8 @@ def chat_loop(model, tok, options: ChatOptions, read: Callable[[str], str] = inp
         if triage.level != "none":  # before the model's text, as the web page's banner
             print(f"[{triage.level.upper()}] {triage.notice}", file=out)
         print("assistant> ", end="", file=out, flush=True)
-        pieces = stream(model, tok, with_system_prompt(history, options.system_prompt), options.max_new_tokens,
-                        options.temperature, options.top_p)
+        pieces = Stream(model, fmt, with_system_prompt(history, options.system_prompt), options.max_new_tokens,
+                        Sampling(options.temperature, options.top_p))
         reply = ""
         try:
             for piece in pieces:
@@ -75,16 +77,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="merged model folder or LoRA adapter folder (default: tiny demo model)")
     add_runtime_arguments(p)
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt ('' for none)")
-    p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="longest reply in tokens")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 for greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    model, tok = load_for_inference_or_demo(args.model, args.device, args.dtype)
-    chat_loop(model, tok, ChatOptions(args.system_prompt, args.max_tokens, args.temperature, args.top_p))
+    model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype)
+    chat_loop(model, fmt, ChatOptions(args.system_prompt, args.max_tokens, args.temperature, args.top_p))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from medtune.arguments import ARGUMENTS, STARLING, Recipe
 
 # Older TRL recipes (and the reference recipe) say max_seq_length; TRL now calls it max_length.
 KEY_ALIASES = {"max_seq_length": "max_length"}
-# The longest fixed part of the chat template (BOS, role prefixes, two end-of-turn ids) in Starling tokens.
-TEMPLATE_TOKENS = 20
+# Below this, a chat template's own tokens leave no room for a conversation (Starling's take 20 for one turn pair).
+MIN_LENGTH = 32
 
 
 class ConfigError(ValueError):
@@ -60,20 +60,22 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key {key!r}; {hint}")
 
 
-def _cli_pairs(argv: list[str]) -> dict[str, str]:
-    """`--key value`, `--key=value` and bare `--flag` (= true) -> {key: value}; dashes in a key read as underscores."""
-    pairs, i = {}, 0
-    while i < len(argv):
-        if not argv[i].startswith("--"):
-            raise ConfigError(f"unexpected argument {argv[i]!r}: use --key value")
-        key, eq, value = argv[i][2:].partition("=")
-        key = key.replace("-", "_")  # --max-steps as --max_steps, as transformers' HfArgumentParser accepts it
-        if not eq:
-            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            value, i = (argv[i + 1], i + 1) if has_value else ("true", i)
-        pairs[KEY_ALIASES.get(key, key)] = value
-        i += 1
-    return pairs
+def _command_line(argv: list[str]) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """(--config's value, [(key, its values), ...] in order) with keys spelled as the dataclasses do: dashes read as
+    underscores (--max-steps as --max_steps, as transformers' HfArgumentParser accepts it) and older names resolved.
+    A key takes every value up to the next --key, so list keys take several (--lora_target_modules q_proj v_proj)."""
+    pairs: list[tuple[str, list[str]]] = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            key = name.replace("-", "_")
+            pairs.append((KEY_ALIASES.get(key, key), [value] if eq else []))
+        elif pairs:
+            pairs[-1][1].append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use --key value")
+    config = next((values[-1] for key, values in reversed(pairs) if key == "config" and values), None)
+    return config, [(key, values) for key, values in pairs if key != "config"]
 
 
 def _truthy(value) -> bool:
@@ -86,8 +88,8 @@ def parse_recipe(argv: list[str] | None = None, replace: dict | None = None) -> 
     `replace`: recipe values that take the place of the file's (typed, as in YAML; None unsets a key) before the
     command line applies, for callers that build on a recipe file programmatically.
     """
-    cli = _cli_pairs(list(sys.argv[1:] if argv is None else argv))
-    path = cli.pop("config", None)
+    path, pairs = _command_line(list(sys.argv[1:] if argv is None else argv))
+    cli = dict(pairs)
     where = f"recipe {path}"
     values = {**(read_recipe(path) if path else {}), **(replace or {})}
     env = values.pop("env", {})
@@ -100,14 +102,17 @@ def parse_recipe(argv: list[str] | None = None, replace: dict | None = None) -> 
         if key not in _known_keys():
             raise _unknown_key_error(key, "command line")
     _check_types(values, where)
-    merged = {**values, **cli}
+    merged = {**values, **{k: v[-1] if v else True for k, v in cli.items()}}
     if _truthy(merged.get("fp16")) and _truthy(merged.get("bf16")):
         raise ConfigError("fp16 and bf16 are both true: set only one of them (bf16 on Ampere or newer GPUs)")
     os.environ.update({key: str(value) for key, value in env.items()})  # TrlParser's `env:` block, as it does it
     parser = _Parser(ARGUMENTS)
-    parser.set_defaults_with_config(**values)
+    # Keys typed `str | list[str]` (report_to) get one value from argparse: several values are given as the list.
+    lists = {k: v for k, v in cli.items() if len(v) > 1 and parser._option_string_actions[f"--{k}"].nargs is None}
+    parser.set_defaults_with_config(**{**values, **lists})
+    args = [x for key, vals in pairs if key not in lists for x in (f"--{key}", *vals)]
     try:
-        parsed = parser.parse_args_into_dataclasses([x for k, v in cli.items() for x in (f"--{k}", v)])
+        parsed = parser.parse_args_into_dataclasses(args)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     recipe = Recipe(*parsed, path)
@@ -159,11 +164,14 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError("load_in_4bit and load_in_8bit are both true: QLoRA uses load_in_4bit only")
     if (m.load_in_4bit or m.load_in_8bit) and not m.use_peft:
         raise ConfigError("a quantized base model can only be trained with LoRA: set use_peft: true")
-    if t.max_length is None or t.max_length <= TEMPLATE_TOKENS:
-        raise ConfigError(
-            f"max_length={t.max_length} leaves no room for a sample: the chat template alone takes "
-            f"{TEMPLATE_TOKENS} tokens; set max_length (max_seq_length) to e.g. 512"
-        )
+    if t.max_length is None or t.max_length < MIN_LENGTH:
+        raise ConfigError(f"max_length={t.max_length} leaves no room for a conversation and its chat template; set "
+                          "max_length (max_seq_length) to e.g. 512")
+    if t.chat_template_path:
+        raise ConfigError("chat_template_path is TRL's key; medtune reads chat_template (a Jinja string or a .jinja "
+                          "file): set that instead")
+    if d.chat_template and "{" not in d.chat_template and not Path(d.chat_template).expanduser().is_file():
+        raise ConfigError(f"chat_template={d.chat_template!r}: no such file, and not a Jinja template")
     if t.packing and t.packing_strategy not in ("bfd", "bfd_split"):
         raise ConfigError(
             f"packing_strategy={t.packing_strategy!r} lets samples share attention: use 'bfd' (keeps sample "
@@ -216,8 +224,16 @@ def _check_data_source(key: str, value: str | None) -> None:
 
 
 def _check_model_source(value: str | None) -> None:
+    from medtune.gguf import gguf_file, is_gguf
+
     if not value:
         raise ConfigError(f"model_name_or_path is not set: use {STARLING!r} or a local model folder")
+    if is_gguf(value):
+        try:
+            gguf_file(value)
+        except FileNotFoundError as err:
+            raise ConfigError(f"model_name_or_path={value!r}: {err}") from None
+        return
     path = Path(value).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

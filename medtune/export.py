@@ -3,8 +3,9 @@
     medtune-export --model adjusted_model --out exported/starling-medtuned    # or: medtune-export adjusted_model ...
 
 The base is loaded un-quantised (training may have used a 4-bit base; merging needs real weights), the
-adapter is merged with peft's `merge_and_unload`, and the folder gets safetensors shards, the tokenizer (with
-the Starling chat template), a generation_config that stops at `<|end_of_turn|>`, and a model card.
+adapter is merged with peft's `merge_and_unload`, and the folder gets safetensors shards, the tokenizer with the
+chat template it was trained with, a generation_config whose eos_token_id lists every stop id of that format, and a
+model card built from the run's manifest (run_info.json) and evaluation report (eval.json) when they are there.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from huggingface_hub import ModelCard, ModelCardData
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 
-from medtune.chat_format import END_OF_TURN
 from medtune.adapters import adapter_base, is_adapter
-from medtune.inference import load_inference_tokenizer
+from medtune.chat_format import ChatFormat
+from medtune.inference import load_tokenizer, load_weights
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DISCLAIMER = (
@@ -31,32 +31,65 @@ DISCLAIMER = (
     "call your local emergency number or seek care immediately."
 )
 METRIC_FILES = ("all_results.json", "eval_results.json", "train_results.json")
+RUN_INFO, EVAL_REPORT = "run_info.json", "eval.json"
+RECIPE_KEYS = ("model_name_or_path", "load_in_4bit", "bnb_4bit_quant_type", "lora_r", "lora_alpha", "lora_dropout",
+               "lora_target_modules", "max_length", "packing", "completion_only_loss", "learning_rate",
+               "lr_scheduler_type", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+               "gradient_accumulation_steps", "optim", "seed")
 
 
 @dataclass
 class TrainingRecord:
     """What the adapter folder (or the training output folder above it) says about how it was made."""
 
-    recipe_file: Path | None
-    recipe: dict
-    metrics: dict
+    run_info: dict  # medtune's run manifest (medtune.monitoring.run_info), {} without one
+    metrics: dict  # the Trainer's final metrics
+    eval_report: dict  # medtune-eval's eval.json, {} without one
+
+    @property
+    def data(self) -> str:
+        return self.run_info.get("recipe", {}).get("data", {}).get("dataset_name") or "not recorded"
+
+    @property
+    def recipe_path(self) -> str | None:
+        return self.run_info.get("recipe", {}).get("path")
+
+    def recipe_settings(self) -> dict:
+        sections = [v for k, v in self.run_info.get("recipe", {}).items() if isinstance(v, dict)]
+        settings = {k: v for section in sections for k, v in section.items()}
+        return {k: settings[k] for k in RECIPE_KEYS if k in settings}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def find_training_record(adapter_dir: Path) -> TrainingRecord:
     folders = [adapter_dir, adapter_dir.parent]
-    recipe_file = next((f for d in folders for f in sorted(d.glob("*.yaml"))), None)
-    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file else {}
+    run_info = next((r for d in folders if (r := _read_json(d / RUN_INFO))), {})
     metrics: dict = {}
     for d in reversed(folders):  # files next to the adapter win
         for name in METRIC_FILES:
-            if (d / name).is_file():
-                metrics.update(json.loads((d / name).read_text()))
-        state = d / "trainer_state.json"
-        if state.is_file() and not metrics:
+            metrics.update(_read_json(d / name))
+        state = _read_json(d / "trainer_state.json")
+        if state and not metrics:
             # the last logged evaluation, when no *_results.json was written
-            evals = [e for e in json.loads(state.read_text()).get("log_history", []) if "eval_loss" in e]
+            evals = [e for e in state.get("log_history", []) if "eval_loss" in e]
             metrics.update(evals[-1] if evals else {})
-    return TrainingRecord(recipe_file, recipe if isinstance(recipe, dict) else {}, metrics)
+    eval_report = next((r for d in folders if (r := _read_json(d / EVAL_REPORT))), {})
+    return TrainingRecord(run_info, metrics, eval_report)
+
+
+def _headlines(report: dict) -> list[dict]:
+    """Each family's headline metric, tuned and base, from a medtune-eval report."""
+    base = report.get("baseline", {}).get("families", {})
+    rows = [{"name": f, "metric": m["primary"], "n": m["n"], "value": m[m["primary"]],
+             "base": base.get(f, {}).get(m["primary"])} for f, m in report.get("families", {}).items()]
+    if "loss" in report.get("overall", {}):
+        rows.append({"name": "all", "metric": "reply loss", "n": report["overall"]["n"],
+                     "value": report["overall"]["loss"],
+                     "base": report.get("baseline", {}).get("overall", {}).get("loss")})
+    return rows
 
 
 # Rendered by huggingface_hub's ModelCard.from_template (jinja2): the metadata block comes from ModelCardData.
@@ -64,28 +97,36 @@ CARD_TEMPLATE = """---
 {{ card_data }}
 ---
 
-# Starling-LM medical assistant (merged LoRA)
+# Medical assistant fine-tuned from {{ base }} (merged LoRA)
 
 Fine-tuned from `{{ base }}` with a LoRA adapter (medtune), merged into the base weights ({{ dtype }}).
 
 - **Base model:** `{{ base }}`
-- **Training data:** `{{ data }}`
-- **Chat format:** `GPT4 Correct User: {message}<|end_of_turn|>GPT4 Correct Assistant:` (stored as the tokenizer's \
-chat template); generation stops at `<|end_of_turn|>` (id 32000).
+- **Training data:** `{{ data }}`{% if rows %} ({{ rows }}){% endif %}
+- **Chat format:** the tokenizer's chat template, stored in this folder, as in training; generation stops at \
+{{ stop_tokens }} (ids {{ stop_ids }}, generation_config.json).
 
 ## Medical disclaimer
 
 {{ disclaimer }}
-{% if recipe_text %}
+{% if recipe %}
 ## Training recipe
 
-`{{ recipe_name }}`:
+{% if recipe_path %}From `{{ recipe_path }}`:
+{% endif %}
+| setting | value |
+| --- | --- |
+{% for name, value in recipe.items() %}| {{ name }} | {{ value }} |
+{% endfor %}{% endif %}{% if evaluation %}
+## Evaluation
 
-```yaml
-{{ recipe_text }}
-```
-{% endif %}{% if metrics %}
-## Metrics
+{{ eval_scope }}
+
+| family | metric | n | base | fine-tuned |
+| --- | --- | --- | --- | --- |
+{% for r in evaluation %}| {{ r.name }} | {{ r.metric }} | {{ r.n }} | {{ r.base }} | {{ r.value }} |
+{% endfor %}{% endif %}{% if metrics %}
+## Training metrics
 
 | metric | value |
 | --- | --- |
@@ -100,43 +141,49 @@ medtune-serve --model <this folder>   # OpenAI-compatible API and web chat on 12
 """
 
 
-def model_card(base: str, record: TrainingRecord, dtype: str) -> ModelCard:
-    data = record.recipe.get("dataset_name", "not recorded")
+def _fmt(value):
+    return f"{value:.4g}" if isinstance(value, float) else "–" if value is None else value
+
+
+def model_card(base: str, record: TrainingRecord, dtype: str, fmt: ChatFormat) -> ModelCard:
+    data = record.data
+    stats = record.run_info.get("data", {})
+    rows = (f"{stats['rows_kept']} of {stats['rows_read']} training rows kept, {sum(stats['skipped'].values())} "
+            f"skipped, {stats['tokens']} tokens" if stats else None)
     card_data = ModelCardData(
         base_model=base, library_name="transformers", pipeline_tag="text-generation",
-        tags=["medical", "starling", "lora", "qlora", "medtune"],
+        tags=["medical", "lora", "qlora", "medtune"],
         datasets=[data] if data.count("/") == 1 and not Path(data).exists() else None,  # hub ids only
     )
+    report = record.eval_report
+    evaluation = [{k: _fmt(v) for k, v in r.items()} for r in _headlines(report)]
+    scope = f"medtune-eval on `{report.get('data')}` ({report.get('rows')} rows, greedy)" if report else ""
     return ModelCard.from_template(
-        card_data, template_str=CARD_TEMPLATE, base=base, dtype=dtype, data=data, disclaimer=DISCLAIMER,
-        recipe_name=record.recipe_file.name if record.recipe_file else None,
-        recipe_text=record.recipe_file.read_text().strip() if record.recipe_file else None,
-        metrics={k: f"{v:.4g}" if isinstance(v, float) else v for k, v in record.metrics.items()},
+        card_data, template_str=CARD_TEMPLATE, base=base, dtype=dtype, data=data, rows=rows, disclaimer=DISCLAIMER,
+        stop_tokens=", ".join(f"`{t}`" for t in fmt.stop_tokens), stop_ids=list(fmt.stop_ids),
+        recipe_path=record.recipe_path, recipe=record.recipe_settings(), evaluation=evaluation, eval_scope=scope,
+        metrics={k: _fmt(v) for k, v in record.metrics.items()},
     )
 
 
 def export(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None,
            dtype: str = "bfloat16", max_shard_size: str = "5GB") -> Path:
     """Merge `adapter_dir` into its base and write the standalone model to `out_dir`."""
-    from peft import PeftModel
-
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     if not is_adapter(adapter_dir):
         raise ValueError(f"{adapter_dir} has no adapter_config.json: not a LoRA adapter folder")
     base = base_model or adapter_base(adapter_dir)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])  # un-quantised, on CPU
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    tok = load_inference_tokenizer(adapter_dir, fallback=base)
-
-    eot = tok.convert_tokens_to_ids(END_OF_TURN)
-    merged.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=eot, pad_token_id=tok.pad_token_id
-    )
-    merged.config.eos_token_id, merged.config.pad_token_id = eot, tok.pad_token_id
+    model = load_weights(adapter_dir, DTYPES[dtype], base_model)  # un-quantised, on CPU
+    fmt = ChatFormat(load_tokenizer(adapter_dir, fallback=base), eos_token_id=model.generation_config.eos_token_id)
+    merged = model.merge_and_unload()
+    stop = list(fmt.stop_ids)
+    merged.generation_config = GenerationConfig(bos_token_id=fmt.tokenizer.bos_token_id,
+                                                eos_token_id=stop[0] if len(stop) == 1 else stop,
+                                                pad_token_id=fmt.tokenizer.pad_token_id)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, max_shard_size=max_shard_size)
-    tok.save_pretrained(out)
-    model_card(base, find_training_record(adapter_dir), dtype).save(out / "README.md")
+    fmt.tokenizer.save_pretrained(out)
+    model_card(base, find_training_record(adapter_dir), dtype, fmt).save(out / "README.md")
     return out
 
 

@@ -1,4 +1,4 @@
-"""Loading Starling (or the tiny demo model) in 4-bit for QLoRA, the way each launcher needs it."""
+"""Loading the base model in 4-bit for QLoRA, the way each launcher needs it, and its tokenizer and chat format."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from medtune.chat_format import CHAT_TEMPLATE, END_OF_TURN, PAD_TOKEN
+from medtune.chat_format import ChatFormat
+from medtune.gguf import local_model
 
 
 def compute_dtype(name: str | None) -> torch.dtype:
@@ -32,18 +33,35 @@ def shards_weights(training_args) -> bool:
 
 
 def load_tokenizer(recipe_or_path):
-    """Starling's tokenizer with eos = <|end_of_turn|>, pad = <|pad_0|> and the chat template set."""
+    """The model's tokenizer; one without a padding token pads with its eos (padding is never trained on)."""
     from transformers import AutoTokenizer
 
     path = getattr(getattr(recipe_or_path, "model", None), "model_name_or_path", recipe_or_path)
-    tok = AutoTokenizer.from_pretrained(path)
-    if END_OF_TURN not in tok.get_vocab():
-        raise ValueError(f"{path}: tokenizer has no {END_OF_TURN} token; medtune expects Starling's tokenizer")
-    tok.eos_token = END_OF_TURN
+    revision = getattr(getattr(recipe_or_path, "model", None), "model_revision", None)
+    tok = AutoTokenizer.from_pretrained(local_model(path), revision=revision)
     if tok.pad_token is None:
-        tok.pad_token = PAD_TOKEN
-    tok.chat_template = tok.chat_template or CHAT_TEMPLATE
+        tok.pad_token = tok.eos_token
     return tok
+
+
+def generation_eos(path: str, revision: str | None = None) -> int | list[int] | None:
+    """The `eos_token_id` of a model's generation_config.json (an int or a list), None without one."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(local_model(path), revision=revision).eos_token_id
+    except OSError:
+        return None
+
+
+def load_chat_format(recipe) -> ChatFormat:
+    """The training chat format: the model's tokenizer, the recipe's chat_template if set, the model's stop ids. The
+    template becomes the tokenizer's, so the adapter folder carries what it was trained with."""
+    m = recipe.model
+    fmt = ChatFormat(load_tokenizer(recipe), recipe.data.chat_template,
+                     generation_eos(m.model_name_or_path, m.model_revision))
+    fmt.tokenizer.chat_template = fmt.template
+    return fmt
 
 
 def quantization_config(model_args, dtype: torch.dtype, sharded: bool):
@@ -74,7 +92,7 @@ def load_model(recipe):
     # A device map pins each rank's copy to its GPU; ZeRO-3 and FSDP place (and shard) the weights themselves.
     if quant is not None and torch.cuda.is_available() and not sharded:
         kwargs["device_map"] = {"": PartialState().local_process_index}
-    model = AutoModelForCausalLM.from_pretrained(m.model_name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(local_model(m.model_name_or_path), **kwargs)
     model.config.use_cache = False  # the KV cache is useless in training and breaks packed-sequence masks
     # prepare_model_for_kbit_training casts norms and embeddings to fp32. Not when sharded: FSDP flattens each layer's
     # parameters (4-bit weights in the compute dtype, norms) into one tensor of one dtype, and ZeRO-3 keeps its own

@@ -1,25 +1,36 @@
 """A tiny, randomly initialised Starling-shaped model for demos, tests and CPU benchmarks.
 
-Starling-LM-7B-alpha is a MistralForCausalLM whose tokenizer is Mistral-7B-v0.1's SentencePiece model plus two
-added tokens (`<|end_of_turn|>` = 32000, `<|pad_0|>` = 32001). The mistral-common wheel ships that exact
-SentencePiece file, so the real Starling vocabulary is built offline; only the weights are random and small.
+Starling-LM-7B-alpha is a MistralForCausalLM whose tokenizer is Mistral-7B-v0.1's SentencePiece model plus added
+tokens. The mistral-common wheel ships that exact SentencePiece file, so the real Starling tokenizer is rebuilt
+offline with the settings of its hub files (docs/DATA.md "Starling's tokenizer" cites them); only the weights are
+random and small.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-from medtune.chat_format import CHAT_TEMPLATE, END_OF_TURN, PAD_TOKEN
-
+# berkeley-nest/Starling-LM-7B-alpha: added_tokens.json ({"<|end_of_turn|>": 32000, "<|pad_0|>": 32001}),
+# special_tokens_map.json (eos and pad <|end_of_turn|>, sep <sep>, which takes id 32002, one past the embedding
+# matrix) and tokenizer_config.json (LlamaTokenizer, legacy true, this chat template). `legacy: true` is what gives
+# the role prefixes their "▁" after <s> and after <|end_of_turn|>, as OpenChat trained them.
+STARLING_ADDED_TOKENS = ("<|end_of_turn|>", "<|pad_0|>")
+STARLING_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ 'GPT4 Correct ' + message['role'].title() + ': ' + "
+    "message['content'] + '<|end_of_turn|>'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ 'GPT4 Correct Assistant:' }}{% endif %}"
+)
 STARLING_VOCAB_SIZE = 32002
 # Starling-LM-7B-alpha's config.json (a Mistral-7B): used by the GPU benchmark with random weights.
 STARLING_CONFIG = dict(
     vocab_size=STARLING_VOCAB_SIZE, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=10000.0,
-    sliding_window=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000, pad_token_id=32001,
+    sliding_window=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000,
     tie_word_embeddings=False,
 )
 # initializer_range 0.1 (Mistral's is 0.02): at width 64 the default init caps every logit near 1, so LoRA alone
@@ -36,20 +47,23 @@ def sentencepiece_file() -> Path:
 
 
 def build_starling_tokenizer(out_dir: str | os.PathLike | None = None):
-    """Starling's tokenizer (32002 ids, chat template, eos = <|end_of_turn|>), optionally saved to out_dir."""
-    from transformers import LlamaTokenizer
-    import tempfile
+    """Starling's tokenizer as transformers loads the hub's files, optionally saved to out_dir."""
+    from transformers import AutoTokenizer, LlamaTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(sentencepiece_file(), Path(tmp) / "tokenizer.model")
-        tok = LlamaTokenizer.from_pretrained(tmp, legacy=False)
-    tok.add_special_tokens({"additional_special_tokens": [END_OF_TURN, PAD_TOKEN]})
-    tok.eos_token, tok.pad_token = END_OF_TURN, PAD_TOKEN
-    tok.chat_template = CHAT_TEMPLATE
-    tok.padding_side = "left"  # generation pads on the left; training is padding-free
-    assert len(tok) == STARLING_VOCAB_SIZE, len(tok)
-    if out_dir is not None:
-        tok.save_pretrained(out_dir)
+        tok = LlamaTokenizer.from_pretrained(tmp, legacy=True, add_bos_token=True)
+        tok.add_special_tokens({"additional_special_tokens": list(STARLING_ADDED_TOKENS)})
+        tok.add_special_tokens({"sep_token": "<sep>"})  # after the others: id 32002, as on the hub
+        tok.eos_token = tok.pad_token = "<|end_of_turn|>"
+        tok.chat_template = STARLING_CHAT_TEMPLATE
+        saved = Path(out_dir) if out_dir is not None else Path(tmp) / "saved"
+        tok.save_pretrained(saved)
+        # transformers does not write `legacy`, and without it rebuilds the tokenizer with legacy=False on load.
+        config_file = saved / "tokenizer_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "legacy": True}, indent=2))
+        tok = AutoTokenizer.from_pretrained(saved)
+    assert tok.convert_tokens_to_ids(list(STARLING_ADDED_TOKENS)) == [32000, 32001], "added token ids"
     return tok
 
 

@@ -1,4 +1,4 @@
-"""QLoRA supervised fine-tuning of Starling on MedTuned instructions with TRL's SFTTrainer.
+"""QLoRA supervised fine-tuning of a chat model (Starling by default) on MedTuned instructions with TRL's SFTTrainer.
 
 Same entry point for one process, `accelerate launch` (DDP, DeepSpeed ZeRO-2/3, FSDP) and Slurm:
 
@@ -8,6 +8,7 @@ Same entry point for one process, `accelerate launch` (DDP, DeepSpeed ZeRO-2/3, 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -23,8 +24,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from medtune.chat_format import ChatFormat
     from medtune.data import PreparedData
-    from medtune.inference import Completion
+    from medtune.generation import Completion
     from medtune.preemption import PreemptionCallback
 
 logger = logging.getLogger("medtune")
@@ -65,26 +67,26 @@ def build_trainer(recipe: Recipe, args: SFTConfig, tokenizer: PreTrainedTokenize
     return trainer
 
 
-def answer_sample(model, tokenizer, prompt: str) -> Completion:
-    """The trained model's reply to `prompt`, with its finish reason."""
-    from medtune.inference import complete
+def answer_sample(model, fmt: ChatFormat, prompt: str) -> Completion:
+    """The trained model's greedy reply to `prompt`, with its finish reason."""
+    from medtune.decoding import complete
 
     model.eval()
-    return complete(model, tokenizer, [[{"role": "user", "content": prompt}]], max_new_tokens=48)[0]
+    return complete(model, fmt, [[{"role": "user", "content": prompt}]], max_new_tokens=48)[0]
 
 
-def evaluate_generations(trainer, tokenizer, prepared, samples: int) -> None:
+def evaluate_generations(trainer, fmt: ChatFormat, prepared, samples: int) -> None:
     """Score generated replies on eval rows per task family and log them with the training metrics."""
     from medtune.data.pipeline import EVAL_ROWS
     from medtune.eval.generate import evaluate_model, flat_metrics, headlines
-    from medtune.eval.select import load_rows, select_rows
+    from medtune.data.select import load_rows, select_rows
 
     path = prepared.cache_dir / EVAL_ROWS
     if not path.exists():
         logger.warning("generation_eval_samples=%d but the recipe has no eval split: skipped", samples)
         return
     rows = select_rows(load_rows(str(path))[0], samples, seed=trainer.args.seed)
-    results, _ = evaluate_model(trainer.model, tokenizer, rows, max_new_tokens=128,
+    results, _ = evaluate_model(trainer.model, fmt, rows, max_new_tokens=128,
                                 batch_size=trainer.args.per_device_eval_batch_size)
     logger.info("generation eval on %d rows: %s; per source and all metrics: eval/gen_* in the logs",
                 len(rows), headlines(results))
@@ -95,7 +97,7 @@ def evaluate_generations(trainer, tokenizer, prepared, samples: int) -> None:
 class Run:
     """Everything `train` works with, ready before the first step."""
 
-    tokenizer: PreTrainedTokenizerBase
+    fmt: ChatFormat
     prepared: PreparedData
     trainer: SFTTrainer
     resume: str | None  # checkpoint to resume from
@@ -105,14 +107,14 @@ class Run:
 def build_run(recipe: Recipe) -> Run:
     from medtune.checkpoints import find_resume_checkpoint
     from medtune.data import prepare_dataset
-    from medtune.model import load_model, load_tokenizer
+    from medtune.model import load_chat_format, load_model
     from medtune.monitoring import configure_wandb, monitoring_callbacks, run_info, write_run_info
     from medtune.preemption import PreemptionCallback
     from medtune.trainer_arguments import resolve_trainer_arguments
 
-    tokenizer = load_tokenizer(recipe)
+    fmt = load_chat_format(recipe)
     # Before the model and before any collective: one process tokenizes, the others wait on a file lock.
-    prepared = prepare_dataset(recipe, tokenizer)
+    prepared = prepare_dataset(recipe, fmt)
     args, adjustments = resolve_trainer_arguments(recipe, has_eval=prepared.eval is not None)
     resume = find_resume_checkpoint(args.output_dir) if recipe.checkpointing.resume else None
     if recipe.checkpointing.resume:
@@ -124,8 +126,27 @@ def build_run(recipe: Recipe) -> Run:
     # It deletes old checkpoints itself (the recipe's save_total_limit), after the new one is complete.
     preemption = PreemptionCallback(recipe.checkpointing.save_every_minutes, recipe.training.save_total_limit)
     callbacks = [*monitoring_callbacks(recipe, info, use_wandb), preemption]  # preemption last: see its docstring
-    trainer = build_trainer(recipe, args, tokenizer, prepared, load_model(recipe), callbacks)
-    return Run(tokenizer, prepared, trainer, resume, preemption)
+    trainer = build_trainer(recipe, args, fmt.tokenizer, prepared, load_model(recipe), callbacks)
+    return Run(fmt, prepared, trainer, resume, preemption)
+
+
+def save_for_inference(output_dir: Path, fmt: ChatFormat, recipe: Recipe) -> None:
+    """What the adapter folder needs beside the adapter so that chat, serving, export and vLLM use the training
+    format: the tokenizer with its chat template, a generation_config with every stop id, and the base model as a
+    path that holds from any folder."""
+    from transformers import GenerationConfig
+
+    from medtune.adapters import ADAPTER_CONFIG, adapter_config
+
+    fmt.tokenizer.save_pretrained(output_dir)
+    stop = list(fmt.stop_ids)
+    GenerationConfig(bos_token_id=fmt.tokenizer.bos_token_id, pad_token_id=fmt.tokenizer.pad_token_id,
+                     eos_token_id=stop[0] if len(stop) == 1 else stop).save_pretrained(output_dir)
+    base = Path(recipe.model.model_name_or_path).expanduser()
+    if (output_dir / ADAPTER_CONFIG).is_file() and base.exists():
+        config = adapter_config(output_dir)
+        config["base_model_name_or_path"] = str(base.resolve())
+        (output_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
 def log_cpu_affinity() -> None:
@@ -147,7 +168,7 @@ def train(recipe: Recipe) -> TrainResult:
     try:
         log_cpu_affinity()
         run = build_run(recipe)
-        tokenizer, prepared, trainer = run.tokenizer, run.prepared, run.trainer
+        fmt, prepared, trainer = run.fmt, run.prepared, run.trainer
         output_dir, device = Path(recipe.training.output_dir), trainer.args.device
         if preemption.stop_requested(device):
             logger.warning("stop signal before the first step: exiting without training")
@@ -162,16 +183,16 @@ def train(recipe: Recipe) -> TrainResult:
         trainer.save_model(str(output_dir))
         trainer.save_state()  # trainer_state.json: medtune-report reads it when there is no W&B run
         if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(output_dir)
+            save_for_inference(output_dir, fmt, recipe)
         adapter = output_dir / "adapter_model.safetensors"
         if preemption.stop_requested(device):
             logger.warning("stop signal after the last step: adapter saved; generation eval and sample answer skipped")
             return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, None)
         # Every rank generates (same inputs): under ZeRO-3 each forward pass needs the shards of all ranks.
         if recipe.after_training.generation_eval_samples:
-            evaluate_generations(trainer, tokenizer, prepared, recipe.after_training.generation_eval_samples)
+            evaluate_generations(trainer, fmt, prepared, recipe.after_training.generation_eval_samples)
         prompt = recipe.after_training.sample_prompt
-        answer = answer_sample(trainer.model, tokenizer, prompt) if prompt else None
+        answer = answer_sample(trainer.model, fmt, prompt) if prompt else None
         trainer.accelerator.wait_for_everyone()
         return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, answer)
     finally:
@@ -196,9 +217,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"sample question: {recipe.after_training.sample_prompt}")
         print(f"model answer: {answer.text}")
         if answer.finish_reason == "stop":
-            print(f"(generation stopped at <|end_of_turn|> after {answer.completion_tokens} tokens)")
+            print(f"(generation stopped at its end-of-turn token after {answer.completion_tokens} tokens)")
         else:
-            print(f"(stopped at the {answer.completion_tokens}-token limit before <|end_of_turn|>)")
+            print(f"(stopped at the {answer.completion_tokens}-token limit before the end-of-turn token)")
 
 
 if __name__ == "__main__":

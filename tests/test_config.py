@@ -71,7 +71,7 @@ def _recipe(tmp_path, **changes):
         ({"packing": "yes please"}, [], r"key 'packing' must be bool"),
         ({}, ["--lora_r", "eight"], r"argument --lora_r.*invalid int value: 'eight'"),
         ({"fp16": True, "bf16": True}, [], r"fp16 and bf16 are both true"),
-        ({"max_seq_length": 8}, [], r"max_length=8 leaves no room for a sample"),
+        ({"max_seq_length": 8}, [], r"max_length=8 leaves no room for a conversation"),
         ({"packing_strategy": "wrapped"}, [], r"packing_strategy='wrapped' lets samples share attention"),
         ({"dataset_name": "./missing/data.jsonl"}, [], r"dataset_name='./missing/data.jsonl': no such file"),
         ({"model_name_or_path": "./no/such/model"}, [], r"model_name_or_path='./no/such/model': no such folder"),
@@ -129,6 +129,29 @@ def test_bad_recipe_fails_before_any_model_or_data_is_loaded(tmp_path, monkeypat
 def test_one_lora_target_module_is_a_list(tmp_path, changes, argv):
     """TRL turns a one-item list into a string, which PEFT would match as a regex against the full module path."""
     assert parse_recipe(_recipe(tmp_path, **changes) + argv).model.lora_target_modules == ["q_proj"]
+
+
+def test_list_keys_take_several_values_on_the_command_line():
+    r = parse_recipe(["--config", str(REFERENCE), "--lora_target_modules", "q_proj", "v_proj", "--report_to", "wandb",
+                      "tensorboard", "--max-steps", "5", "--packing", "--lora-r=4"])
+    assert r.model.lora_target_modules == ["q_proj", "v_proj"] and r.training.report_to == ["wandb", "tensorboard"]
+    assert r.training.max_steps == 5 and r.training.packing is True and r.model.lora_r == 4
+    with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
+        parse_recipe(["stray", "--config", str(REFERENCE)])
+
+
+def test_chat_template_is_a_jinja_string_or_a_file(tmp_path):
+    from medtune.chat_format import read_template
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    for value in (template, str(tmp_path / "t.jinja")):
+        r = parse_recipe(_recipe(tmp_path, chat_template=value))
+        assert read_template(r.data.chat_template) == template
+    with pytest.raises(ConfigError, match="no such file, and not a Jinja template"):
+        parse_recipe(_recipe(tmp_path, chat_template="templates/missing.jinja"))
+    with pytest.raises(ConfigError, match="medtune reads chat_template"):
+        parse_recipe(_recipe(tmp_path, chat_template_path="t.jinja"))
 
 
 def test_lora_target_modules_keywords_and_regexes_stay_strings(tmp_path):

@@ -7,16 +7,23 @@ import os
 
 import pytest
 
+
 from medtune.config import parse_recipe
 from medtune.data import prepare_dataset, read_rows
 from medtune.data import pipeline
 
 
 @pytest.fixture(scope="module")
-def tok():
+def fmt():
+    from medtune.chat_format import ChatFormat
     from medtune.tiny import build_starling_tokenizer
 
-    return build_starling_tokenizer()
+    return ChatFormat(build_starling_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def tok(fmt):
+    return fmt.tokenizer
 
 
 def _write_bad_file(path):
@@ -58,12 +65,12 @@ def test_read_rows_counts_every_skipped_row(tmp_path):
     ("truncate", 7, 2, {"prompt_too_long": 1}),
     ("drop", 5, 0, {"too_long": 3}),
 ])
-def test_bad_data_file_completes_with_exact_counts(tmp_path, tiny_args, tok, overlong, kept, truncated, skipped):
+def test_bad_data_file_completes_with_exact_counts(tmp_path, tiny_args, fmt, overlong, kept, truncated, skipped):
     path = tmp_path / "bad.jsonl"
     _write_bad_file(path)
     recipe = parse_recipe(tiny_args + ["--dataset_name", str(path), "--eval_split", "none", "--max_seq_length", "256",
                                        "--overlong", overlong])
-    prepared = prepare_dataset(recipe, tok)
+    prepared = prepare_dataset(recipe, fmt)
     s = prepared.stats
     assert s.rows_read == 16 and s.rows_kept == kept and s.truncated == truncated
     expected = {"missing_output": 1, "missing_instruction": 1, "empty_output": 1, "empty_instruction": 1,
@@ -75,24 +82,28 @@ def test_bad_data_file_completes_with_exact_counts(tmp_path, tiny_args, tok, ove
     assert sum(map(sum, prepared.train["seq_lengths"])) == s.tokens
 
 
-def test_overlong_rows_keep_the_template_and_a_reply(tok):
-    eot = tok.convert_tokens_to_ids("<|end_of_turn|>")
-    from medtune.chat_format import encode_example
+def _encoded(fmt, row):
+    from medtune.data.formats import INSTRUCTION, clean
 
+    return fmt.encode([clean(INSTRUCTION, row)[0]["messages"]])[0]
+
+
+def test_overlong_rows_keep_the_template_and_a_reply(fmt, tok):
+    eot = tok.convert_tokens_to_ids("<|end_of_turn|>")
     row = {"instruction": "Summarize the findings.", "input": "finding " * 300, "output": "Normal study. " * 20}
-    ids, mask = pipeline.fit(*encode_example(tok, row), max_length=128, eot_id=eot)
+    ids, mask = pipeline.fit(_encoded(fmt, row), max_length=128)
     assert len(ids) == 128 and ids[0] == tok.bos_token_id and ids.count(eot) == 1
     prompt = tok.decode(ids[:mask.index(1)])
     assert prompt.startswith("<s> GPT4 Correct User: Summarize the findings.") and prompt.endswith("Assistant:")
     assert sum(mask) == 128 // 4  # the reply keeps its reserved quarter
     assert tok.decode([i for i, m in zip(ids, mask) if m]).startswith("Normal study.")
     short_reply = dict(row, output="Normal.")
-    ids, mask = pipeline.fit(*encode_example(tok, short_reply), max_length=128, eot_id=eot)
+    ids, mask = pipeline.fit(_encoded(fmt, short_reply), max_length=128)
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Normal.<|end_of_turn|>"  # whole reply, its end too
 
 
-def test_sample_packs_efficiently_with_prompt_masked(tiny_args, tok):
-    prepared = prepare_dataset(parse_recipe(tiny_args), tok)
+def test_sample_packs_efficiently_with_prompt_masked(tiny_args, fmt, tok):
+    prepared = prepare_dataset(parse_recipe(tiny_args), fmt)
     s = prepared.stats
     assert s.rows_kept == s.rows_read == 203 and not s.skipped and s.duplicates == 0 and s.truncated == 0
     assert s.packing_efficiency >= 0.95
@@ -113,25 +124,25 @@ def test_sample_packs_efficiently_with_prompt_masked(tiny_args, tok):
             start += n
 
 
-def test_cache_hit_on_second_run_and_invalidation(tiny_args, tok, monkeypatch, tmp_path):
-    first = prepare_dataset(parse_recipe(tiny_args), tok)
+def test_cache_hit_on_second_run_and_invalidation(tiny_args, fmt, monkeypatch, tmp_path):
+    first = prepare_dataset(parse_recipe(tiny_args), fmt)
 
     def must_not_encode(*args, **kwargs):
         raise AssertionError("the data was tokenized again despite an unchanged fingerprint")
 
     monkeypatch.setattr(pipeline, "encode_rows", must_not_encode)
-    tok(["a b c"], truncation=True, max_length=2, padding="max_length")  # tokenizer call state is not identity
-    second = prepare_dataset(parse_recipe(tiny_args), tok)
+    fmt.tokenizer(["a b c"], truncation=True, max_length=2, padding="max_length")  # call state is not identity
+    second = prepare_dataset(parse_recipe(tiny_args), fmt)
     assert second.cache_dir == first.cache_dir
     assert second.stats == first.stats
     assert second.train["input_ids"] == first.train["input_ids"]
     # A different max_length is a different cache entry.
     with pytest.raises(AssertionError, match="tokenized again"):
-        prepare_dataset(parse_recipe(tiny_args + ["--max_seq_length", "256"]), tok)
+        prepare_dataset(parse_recipe(tiny_args + ["--max_seq_length", "256"]), fmt)
 
 
-def test_eval_split_held_out_when_missing(tiny_args, tok, sample_train_file):
-    prepared = prepare_dataset(parse_recipe(tiny_args + ["--eval_dataset_name", "", "--eval_split_size", "0.1"]), tok)
+def test_eval_split_held_out_when_missing(tiny_args, fmt, sample_train_file):
+    prepared = prepare_dataset(parse_recipe(tiny_args + ["--eval_dataset_name", "", "--eval_split_size", "0.1"]), fmt)
     n_rows = sum(1 for _ in open(sample_train_file))
     assert prepared.eval_stats.rows_kept == int(n_rows * 0.1) == 20 and prepared.stats.moved_to_train == 0
     assert prepared.stats.rows_kept + prepared.eval_stats.rows_kept == n_rows
@@ -210,12 +221,12 @@ def test_duplicates_are_counted_and_kept_and_rows_keep_their_index_and_source(tm
     assert [r["index"] for r in rows] == [0, 1, 3, 4] and rows[1]["source"] == "chatdoctor"
 
 
-def test_held_out_rows_never_duplicate_train_rows(tiny_args, tok, tmp_path, sample_train_file):
+def test_held_out_rows_never_duplicate_train_rows(tiny_args, fmt, tmp_path, sample_train_file):
     lines = sample_train_file.read_text().splitlines()
     data = tmp_path / "twice.jsonl"
     data.write_text("\n".join(lines + lines[:100]) + "\n")  # 100 rows appear twice
     prepared = prepare_dataset(parse_recipe(tiny_args + ["--dataset_name", str(data), "--eval_dataset_name", "",
-                                                         "--eval_split_size", "0.2"]), tok)
+                                                         "--eval_split_size", "0.2"]), fmt)
     train, held = prepared.stats, prepared.eval_stats
     assert train.duplicates == 100
     assert held.rows_kept + train.moved_to_train == int(303 * 0.2) and train.moved_to_train > 0
@@ -230,17 +241,17 @@ def test_held_out_rows_never_duplicate_train_rows(tiny_args, tok, tmp_path, samp
     assert len(held_twice) % 2 == 0
 
 
-def test_eval_rows_shared_with_train_are_counted(tiny_args, tok, tmp_path, sample_train_file):
+def test_eval_rows_shared_with_train_are_counted(tiny_args, fmt, tmp_path, sample_train_file):
     lines = sample_train_file.read_text().splitlines()
     changed = [json.dumps(json.loads(line) | {"input": "new " + json.loads(line)["input"]}) for line in lines[2:30]]
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("\n".join(lines[:2] + changed) + "\n")
-    prepared = prepare_dataset(parse_recipe(tiny_args + ["--eval_dataset_name", str(eval_file)]), tok)
+    prepared = prepare_dataset(parse_recipe(tiny_args + ["--eval_dataset_name", str(eval_file)]), fmt)
     assert prepared.eval_stats.rows_kept == 30 and prepared.eval_stats.shared_with_train == 2
 
 
-def test_max_eval_samples_is_stratified_by_source(tiny_args, tok, sample_eval_file):
-    prepared = prepare_dataset(parse_recipe(tiny_args + ["--max_eval_samples", "24"]), tok)
+def test_max_eval_samples_is_stratified_by_source(tiny_args, fmt, sample_eval_file):
+    prepared = prepare_dataset(parse_recipe(tiny_args + ["--max_eval_samples", "24"]), fmt)
     rows = [json.loads(line) for line in (prepared.cache_dir / pipeline.EVAL_ROWS).read_text().splitlines()]
     counts = {}
     for row in rows:
@@ -250,14 +261,93 @@ def test_max_eval_samples_is_stratified_by_source(tiny_args, tok, sample_eval_fi
     assert len(set(first_24)) < 12  # the file is in source blocks: "the first N" would miss sources
 
 
-def test_cache_key_is_the_files_content(tiny_args, tok, tmp_path, sample_train_file):
+def test_cache_key_is_the_files_content(tiny_args, fmt, tmp_path, sample_train_file):
     data = tmp_path / "copy.jsonl"
     data.write_bytes(sample_train_file.read_bytes())
     args = tiny_args + ["--dataset_name", str(data)]
-    first = prepare_dataset(parse_recipe(args), tok)
+    first = prepare_dataset(parse_recipe(args), fmt)
     os.utime(data, (1, 1))  # a new modification time alone keeps the cache
-    assert prepare_dataset(parse_recipe(args), tok).cache_dir == first.cache_dir
+    assert prepare_dataset(parse_recipe(args), fmt).cache_dir == first.cache_dir
     text = data.read_text()
     data.write_text(text.replace("patient", "patiens", 1))  # same size, new content
     assert data.stat().st_size == sample_train_file.stat().st_size
-    assert prepare_dataset(parse_recipe(args), tok).cache_dir != first.cache_dir
+    assert prepare_dataset(parse_recipe(args), fmt).cache_dir != first.cache_dir
+
+
+# -- conversation datasets ----------------------------------------------------------------------------------
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "I feel dizzy."},
+                {"role": "assistant", "content": "Since when?"}, {"role": "user", "content": "This morning."},
+                {"role": "assistant", "content": "Sit down and drink water."}]
+
+
+def test_messages_and_prompt_completion_files_are_detected_and_bad_rows_counted(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _jsonl(folder / "a_chat.jsonl", [
+        {"messages": CONVERSATION, "source": "own"},
+        {"messages": [{"role": "tool", "content": "x"}, *CONVERSATION[1:3]]},             # unknown_role
+        {"messages": CONVERSATION[:2]},                                                    # no_assistant_turn
+        {"messages": "hello"},                                                             # not_a_message_list
+        {"messages": [CONVERSATION[1], {"role": "assistant", "content": 7}]},              # non_string_content
+        {"messages": [CONVERSATION[1], {"role": "assistant", "content": "  "}]},           # empty_reply
+        {"prompt": CONVERSATION[:2]},                                                       # missing_messages
+    ])
+    _jsonl(folder / "b_pc.jsonl", [
+        {"prompt": CONVERSATION[:4], "completion": CONVERSATION[4:]},
+        {"prompt": CONVERSATION[:2], "completion": [{"role": "user", "content": "no reply"}]},  # no_assistant_turn
+        {"prompt": "a string", "completion": "another"},                                         # not_a_message_list
+    ])
+    _jsonl(folder / "c_rows.jsonl", [ROW])
+    rows, report = read_rows(str(folder), "train")
+    assert report.formats == {str(folder / "a_chat.jsonl"): "messages", str(folder / "b_pc.jsonl"): "prompt_completion",
+                              str(folder / "c_rows.jsonl"): "instruction"}
+    assert dict(report.skipped) == {"unknown_role": 1, "no_assistant_turn": 2, "not_a_message_list": 2,
+                                    "non_string_content": 1, "empty_reply": 1, "missing_messages": 1}
+    assert report.rows_read == 11 and len(rows) == 3
+    chat, completion, row = rows
+    assert chat["messages"] == CONVERSATION and chat["train_from"] == 0 and chat["source"] == "own"
+    assert completion["messages"] == CONVERSATION and completion["train_from"] == 4
+    assert row["messages"][0]["content"] == "Name the disease.\n\nFever and rash." and row["train_from"] == 0
+
+
+def test_every_assistant_turn_of_a_conversation_is_trained_only_the_completion_of_a_prompt(tmp_path, tiny_args, fmt):
+    (tmp_path / "data").mkdir()
+    chat = _jsonl(tmp_path / "data" / "chat.jsonl", [{"messages": CONVERSATION}])
+    pc = _jsonl(tmp_path / "data" / "pc.jsonl", [{"prompt": CONVERSATION[:4], "completion": CONVERSATION[4:]}])
+    recipe = parse_recipe(tiny_args + ["--dataset_name", str(tmp_path / "data"), "--eval_split", "none",
+                                       "--packing", "false"])
+    prepared = prepare_dataset(recipe, fmt)
+    assert prepared.stats.rows_kept == 2 and prepared.stats.formats == {chat: "messages", pc: "prompt_completion"}
+    trained = [fmt.tokenizer.decode([i for i in row["labels"] if i != -100]) for row in prepared.train]
+    assert sorted(trained) == sorted(["Since when?<|end_of_turn|> Sit down and drink water.<|end_of_turn|>",
+                                      "Sit down and drink water.<|end_of_turn|>"])
+
+
+def test_a_row_the_template_refuses_is_counted(tmp_path, tiny_args):
+    from medtune.chat_format import ChatFormat
+
+    from families import tokenizer
+
+    mistral = ChatFormat(tokenizer("mistral_v3"))  # its template raises on roles that do not alternate
+    data = _jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION},
+                                            {"messages": [CONVERSATION[1], CONVERSATION[1], CONVERSATION[2]]}])
+    prepared = prepare_dataset(parse_recipe(tiny_args + ["--dataset_name", data, "--eval_split", "none"]), mistral)
+    assert prepared.stats.rows_kept == 1 and prepared.stats.skipped == {"template_error": 1}
+
+
+def test_show_json_prints_the_first_prepared_rows_unpacked(tiny_args, fmt, sample_train_file, capsys):
+    from medtune.data.prepare import main
+
+    main(tiny_args + ["--show", "3", "--json"])
+    lines = capsys.readouterr().out.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 3
+    first_rows = [json.loads(line) for line in sample_train_file.read_text().splitlines()[:3]]
+    for record, row in zip(records, first_rows):
+        assert set(record) == {"source", "messages", "input_ids", "labels"} and record["source"] == row["source"]
+        assert record["messages"][1] == {"role": "assistant", "content": row["output"].strip()}
+        assert record["input_ids"] == fmt.tokenizer.apply_chat_template(record["messages"])["input_ids"]
+        trained = [i for i in record["labels"] if i != -100]
+        assert fmt.tokenizer.decode(trained) == row["output"].strip() + "<|end_of_turn|>"
+        assert len(record["labels"]) == len(record["input_ids"])

@@ -9,8 +9,8 @@ import pytest
 
 from medtune import inference
 from medtune.eval import generate, run
-from medtune.eval.select import load_rows
-from medtune.eval.sources import FAMILIES, SOURCE_FAMILY
+from medtune.data.select import load_rows
+from medtune.data.sources import FAMILIES, SOURCE_FAMILY
 from medtune.tiny import build_tiny_model
 
 SAMPLE_EVAL = Path(__file__).resolve().parents[1] / "data" / "sample" / "medtuned_sample_eval.jsonl"
@@ -149,10 +149,10 @@ def test_cli_adapter_vs_base(adapter_dir, eval_file, tmp_path, monkeypatch):
 
 
 def test_end_of_training_generation_eval_restores_training_mode(adapter_dir, eval_file):
-    model, tok = inference.load_for_inference(adapter_dir, device="cpu")
+    model, fmt = inference.load_for_inference(adapter_dir, device="cpu")
     model.train()
     rows = load_rows(str(eval_file))[0][:3]
-    results, _ = generate.evaluate_model(model, tok, rows, max_new_tokens=2, batch_size=2)
+    results, _ = generate.evaluate_model(model, fmt, rows, max_new_tokens=2, batch_size=2)
     assert model.training
     metrics = generate.flat_metrics(results)
     assert metrics["eval_gen_all_n"] == 3 and metrics["eval_gen_all_perplexity"] > 1

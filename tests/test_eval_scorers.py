@@ -4,7 +4,7 @@ import pytest
 
 from medtune.eval import scorers
 from medtune.eval.scorers import labels, ner, qa, text
-from medtune.eval.sources import FAMILIES
+from medtune.data.sources import FAMILIES
 
 GOLD_NER = "Lithium : B\ntoxicity : O\ncaused : O\nacute : B\nrenal : I\nfailure : I\n. : O"
 

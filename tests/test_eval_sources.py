@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from medtune.eval.select import select_rows
-from medtune.eval.sources import DISEASE_NER, GENE_NER, SOURCE_FAMILY, source_of
+from medtune.data.select import select_rows
+from medtune.data.sources import DISEASE_NER, GENE_NER, SOURCE_FAMILY, source_of
 
 DATA = Path(__file__).resolve().parent / "data"
 AUTHORS = json.loads((DATA / "medtuned_instructions.json").read_text())["instructions"]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from medtune.chat_format import END_OF_TURN, encode_messages
+from medtune.chat_format import ChatFormat
 from medtune.export import DISCLAIMER, export, main
 from medtune.inference import load_for_inference
 
@@ -29,25 +29,34 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
                 p.normal_(0, 0.05)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    (out / "tiny.yaml").write_text("model_name_or_path: .cache/tiny-starling\n"
-                                   "dataset_name: data/sample/medtuned_sample.jsonl\nlora_r: 8\n")
+    run_info = {"recipe": {"path": "configs/recipes/tiny.yaml",
+                           "data": {"dataset_name": "data/sample/medtuned_sample.jsonl"},
+                           "model": {"model_name_or_path": str(tiny_model_dir), "lora_r": 8}},
+                "data": {"rows_read": 203, "rows_kept": 201, "skipped": {"empty_output": 2}, "tokens": 47000}}
+    (out / "run_info.json").write_text(json.dumps(run_info))
     (out / "all_results.json").write_text(json.dumps({"eval_loss": 2.5, "epoch": 1.0}))
+    (out / "eval.json").write_text(json.dumps({
+        "data": "data/sample/medtuned_sample_eval.jsonl", "rows": 58,
+        "families": {"nli": {"n": 4, "primary": "accuracy", "accuracy": 0.75}},
+        "overall": {"n": 58, "loss": 1.25},
+        "baseline": {"families": {"nli": {"n": 4, "primary": "accuracy", "accuracy": 0.25}},
+                     "overall": {"n": 58, "loss": 2.5}}}))
     return out
 
 
-def logits(model, tok):
-    ids = torch.tensor([encode_messages(tok, CONVERSATION)])
+def logits(model, fmt):
+    ids = torch.tensor([fmt.prompt_ids(CONVERSATION)])
     with torch.no_grad():
         return model(ids).logits
 
 
 def test_adapter_loads_on_base_without_merging(adapter_dir, tiny_model_dir):
-    model, tok = load_for_inference(adapter_dir, device="cpu")
+    model, fmt = load_for_inference(adapter_dir, device="cpu")
     base, _ = load_for_inference(tiny_model_dir, device="cpu")
     assert isinstance(model, PeftModel)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         tiny_model_dir)
-    assert not torch.allclose(logits(model, tok), logits(base, tok), atol=1e-3)
+    assert not torch.allclose(logits(model, fmt), logits(base, fmt), atol=1e-3)
 
 
 def test_merged_export_matches_adapter_on_base(adapter_dir, tiny_model_dir, tmp_path):
@@ -55,30 +64,46 @@ def test_merged_export_matches_adapter_on_base(adapter_dir, tiny_model_dir, tmp_
     assert list(out.glob("*.safetensors")) and (out / "tokenizer_config.json").is_file()
 
     merged = AutoModelForCausalLM.from_pretrained(out)
-    tok = AutoTokenizer.from_pretrained(out)
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    adapted, _ = load_for_inference(adapter_dir, device="cpu")
-    torch.testing.assert_close(logits(merged, tok), logits(adapted, tok), atol=1e-4, rtol=1e-4)
+    adapted, fmt = load_for_inference(adapter_dir, device="cpu")
+    torch.testing.assert_close(logits(merged, fmt), logits(adapted, fmt), atol=1e-4, rtol=1e-4)
 
-    assert merged.generation_config.eos_token_id == tok.convert_tokens_to_ids(END_OF_TURN) == 32000
-    assert tok.eos_token == END_OF_TURN
-    assert tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True).endswith(
-        "GPT4 Correct Assistant:")
+    assert merged.generation_config.eos_token_id == fmt.end_of_turn_id == 32000
 
     card = (out / "README.md").read_text()
     for expected in (f"base_model: {tiny_model_dir}", DISCLAIMER, "data/sample/medtuned_sample.jsonl",
-                     "lora_r: 8", "| eval_loss | 2.5 |"):
+                     "201 of 203 training rows kept, 2 skipped", "| lora_r | 8 |", "| eval_loss | 2.5 |",
+                     "| nli | accuracy | 4 | 0.25 | 0.75 |", "| all | reply loss | 58 | 2.5 | 1.25 |",
+                     "`<|end_of_turn|>` (ids [32000]"):
         assert expected in card
     metadata = ModelCard.load(out / "README.md").data  # the Hub's own reader of the card's metadata
     assert (metadata.base_model, metadata.pipeline_tag) == (str(tiny_model_dir), "text-generation")
     assert "medical" in metadata.tags and metadata.datasets is None  # a local data file is no Hub dataset id
 
 
+def test_the_exported_folder_renders_the_training_ids_the_way_vllm_does(adapter_dir, tmp_path):
+    """vLLM's chat endpoint (vllm/renderers/hf.py, 0.34) takes the prompt ids from the tokenizer folder's
+    apply_chat_template(..., tokenize=True, add_generation_prompt=True), which tokenizes the rendered text with
+    add_special_tokens=False; they must be the ids training put before each reply."""
+    out = export(adapter_dir, tmp_path / "merged", dtype="float32")
+    served = AutoTokenizer.from_pretrained(out)
+    trained = ChatFormat(AutoTokenizer.from_pretrained(adapter_dir))
+    conversation = [{"role": "system", "content": "Be brief."}, *CONVERSATION,
+                    {"role": "assistant", "content": "Since when?"}, {"role": "user", "content": "A week."},
+                    {"role": "assistant", "content": "See a doctor."}]
+    encoded = trained.encode([conversation])[0]
+    for n in (2, 4):  # before each reply
+        prompt = served.apply_chat_template(conversation[:n], tokenize=True, add_generation_prompt=True)["input_ids"]
+        assert prompt == encoded.input_ids[:len(prompt)] and encoded.mask[len(prompt)] == 1
+        assert encoded.mask[len(prompt) - 1] == 0
+    assert GenerationConfig.from_pretrained(out).eos_token_id == trained.end_of_turn_id
+
+
 def test_cli_bf16_export_loads(adapter_dir, tmp_path, capsys):
     main([str(adapter_dir), "--out", str(tmp_path / "bf16"), "--max-shard-size", "5MB"])
     assert "merged model written" in capsys.readouterr().out
     assert len(list((tmp_path / "bf16").glob("model-*.safetensors"))) > 1  # sharded
-    model, tok = load_for_inference(tmp_path / "bf16", device="cpu")
+    model, _ = load_for_inference(tmp_path / "bf16", device="cpu")
     assert model.dtype == torch.float32  # CPU inference upcasts
     assert (tmp_path / "bf16" / "generation_config.json").is_file()
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"

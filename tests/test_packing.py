@@ -26,10 +26,11 @@ def _packed_batch(tok, max_length=512):
     from datasets import Dataset
     from trl import pack_dataset
 
-    from medtune.chat_format import encode_examples
+    from medtune.chat_format import ChatFormat
+    from medtune.data.formats import INSTRUCTION, clean
 
-    encoded = encode_examples(tok, ROWS)
-    ds = Dataset.from_dict({"input_ids": [i for i, _ in encoded], "labels": [i for i, _ in encoded]})
+    encoded = ChatFormat(tok).encode([clean(INSTRUCTION, row)[0]["messages"] for row in ROWS])
+    ds = Dataset.from_dict({"input_ids": [e.input_ids for e in encoded], "labels": [e.input_ids for e in encoded]})
     packed = pack_dataset(ds, max_length, strategy="bfd")
     assert len(packed) == 1 and len(packed[0]["seq_lengths"]) == len(ROWS)  # all three share one row
     collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)

@@ -7,10 +7,12 @@ import httpx
 import pytest
 from serve_helpers import LIMITS, local_server, raw_request, read_all, wait_for
 
-from medtune.chat_format import encode_messages
-from medtune.inference import generate, load_for_inference
+import torch
+
+from medtune.decoding import DecodeBatch
+from medtune.generation import Sampling
+from medtune.inference import load_for_inference
 from medtune.serve.app import ServerSettings
-from medtune.serve.decoding import DecodeBatch, Sampling
 from medtune.serve.reply import ReplyText
 
 CHAT = "/v1/chat/completions"
@@ -23,10 +25,10 @@ def model_and_tok(tiny_model_dir):
     return load_for_inference(tiny_model_dir, device="cpu")
 
 
-def decode(model, tok, conversations, max_new, samplings=None, drop_after=None):
+def decode(model, fmt, conversations, max_new, samplings=None, drop_after=None):
     """Tokens per row from DecodeBatch; `drop_after` = {row: n} makes a row leave the batch after n tokens."""
-    prompts = [encode_messages(tok, c) for c in conversations]
-    batch = DecodeBatch(model, tok, prompts, samplings or [Sampling()] * len(prompts))
+    prompts = [fmt.prompt_ids(c) for c in conversations]
+    batch = DecodeBatch(model, fmt, prompts, samplings or [Sampling()] * len(prompts))
     out = [[] for _ in prompts]
     while batch.rows:
         tokens = batch.sample()
@@ -37,27 +39,35 @@ def decode(model, tok, conversations, max_new, samplings=None, drop_after=None):
     return out
 
 
+def hf_generate(model, fmt, conversation, max_new_tokens):
+    """transformers' own greedy generate under the same rules (min_new_tokens=1, the format's stop ids)."""
+    prompt = torch.tensor([fmt.prompt_ids(conversation)])
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                         min_new_tokens=1, do_sample=False, eos_token_id=list(fmt.stop_ids))
+    return out[0, prompt.shape[1]:].tolist()
+
+
 def test_decode_batch_greedy_equals_one_at_a_time_and_generate(model_and_tok):
-    model, tok = model_and_tok
-    batched = decode(model, tok, PROMPTS, 12)
-    single = [decode(model, tok, [c], 12)[0] for c in PROMPTS]
+    model, fmt = model_and_tok
+    batched = decode(model, fmt, PROMPTS, 12)
+    single = [decode(model, fmt, [c], 12)[0] for c in PROMPTS]
     assert batched == single  # fp32, left padding: padding never changes a greedy token
     assert len({tuple(t) for t in batched}) > 8  # different prompts, different replies: no leaks between rows
-    for c, tokens in zip(PROMPTS[:3], single):  # transformers' generate (min_new_tokens=1, as here) agrees
-        assert generate(model, tok, [c], max_new_tokens=12)[0] == tok.decode(tokens, skip_special_tokens=True).strip()
+    for c, tokens in zip(PROMPTS[:3], single):
+        assert hf_generate(model, fmt, c, 12) == tokens
 
 
 def test_rows_leaving_and_sampled_rows_do_not_change_greedy_rows(model_and_tok):
-    model, tok = model_and_tok
-    reference = decode(model, tok, PROMPTS[:4], 10)
+    model, fmt = model_and_tok
+    reference = decode(model, fmt, PROMPTS[:4], 10)
     samplings = [Sampling(), Sampling(temperature=1.0, top_p=0.9), Sampling(), Sampling(temperature=0.7)]
-    mixed = decode(model, tok, PROMPTS[:4], 10, samplings, drop_after={0: 3, 1: 5})
+    mixed = decode(model, fmt, PROMPTS[:4], 10, samplings, drop_after={0: 3, 1: 5})
     assert mixed[0] == reference[0][:3] and len(mixed[1]) == 5
     assert mixed[2] == reference[2] and len(mixed[3]) == 10
 
 
 def test_reply_text_holds_back_a_stop_string_until_it_is_decided(model_and_tok):
-    _, tok = model_and_tok
+    tok = model_and_tok[1].tokenizer
     ids = tok.encode(" Rest and drink fluids. Call a doctor if it gets worse.", add_special_tokens=False)
     full = tok.decode(ids)
     reply, pieces = ReplyText(tok, stop=("Call a",)), []
@@ -167,16 +177,15 @@ def test_decode_batch_runs_a_lora_adapter_on_its_base(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from medtune.inference import load_inference_tokenizer
+    from medtune.inference import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     lora = LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)  # random, not a no-op
     get_peft_model(base, lora).save_pretrained(tmp_path)
-    load_inference_tokenizer(tiny_model_dir).save_pretrained(tmp_path)
-    model, tok = load_for_inference(tmp_path, device="cpu")  # an adapter folder, as medtune-serve --model loads it
-    (tokens,) = decode(model, tok, PROMPTS[:1], 8)
-    expected = generate(model, tok, PROMPTS[:1], max_new_tokens=8)[0]
-    assert tok.decode(tokens, skip_special_tokens=True).strip() == expected
+    load_tokenizer(tiny_model_dir).save_pretrained(tmp_path)
+    model, fmt = load_for_inference(tmp_path, device="cpu")  # an adapter folder, as medtune-serve --model loads it
+    (tokens,) = decode(model, fmt, PROMPTS[:1], 8)
+    assert tokens == hf_generate(model, fmt, PROMPTS[:1][0], 8)
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ import openai
 import pytest
 from serve_helpers import LIMITS, LocalServer, local_server, raw_request, wait_for
 
-from medtune.chat_format import CHAT_TEMPLATE
 from medtune.inference import load_for_inference
 from medtune.serve import cli
 from medtune.serve.app import ServerSettings, create_app
@@ -111,7 +110,7 @@ def test_print_vllm_command_for_merged_model_and_adapter(tiny_model_dir, tmp_pat
     out = capsys.readouterr().out
     merged = shlex.split(next(line for line in out.splitlines() if line.startswith("vllm serve")))
     assert merged[:3] == ["vllm", "serve", str(tiny_model_dir.resolve())]
-    assert merged[merged.index("--chat-template") + 1] == CHAT_TEMPLATE
+    assert "--chat-template" not in merged  # vLLM renders with the folder's own template, the trained one
     assert merged[merged.index("--generation-config") + 1] == str(tiny_model_dir.resolve())
     assert merged[merged.index("--max-model-len") + 1] == "4096"
     assert "VLLM_API_KEY" in out and "--api-key" not in merged  # no secret on a command line
@@ -126,7 +125,12 @@ def test_print_vllm_command_for_merged_model_and_adapter(tiny_model_dir, tmp_pat
     assert args[:3] == ["vllm", "serve", "berkeley-nest/Starling-LM-7B-alpha"] and "--enable-lora" in args
     assert args[args.index("--lora-modules") + 1] == f"adjusted_model={adapter}"
     assert args[args.index("--max-lora-rank") + 1] == "16"  # vLLM accepts 1, 8, 16, 32, ...: the next one up
-    assert args[args.index("--tokenizer") + 1] == str(adapter) and "--chat-template" in args
+    assert args[args.index("--tokenizer") + 1] == str(adapter) and "--chat-template" not in args
+    assert "--generation-config" not in args  # this adapter folder has none
+    (adapter / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    cli.main(["--model", str(adapter), "--print-vllm-command"])
+    args = shlex.split(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("vllm serve")))
+    assert args[args.index("--generation-config") + 1] == str(adapter)  # its stop ids, written by training
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -69,16 +69,17 @@ def test_adapter_is_complete_and_reloads_to_the_same_logits(trained):
 
 
 def test_generation_with_the_trained_adapter_stops_at_end_of_turn(trained):
-    from medtune.inference import complete, load_for_inference
     from medtune.chat_format import user_message
+    from medtune.decoding import complete
+    from medtune.inference import load_for_inference
 
     _, result, rows = trained
     assert result.sample_answer.finish_reason == "stop" and result.sample_answer.text
     assert "<|end_of_turn|>" not in result.sample_answer.text
-    model, tok = load_for_inference(result.output_dir)  # the serving path: adapter on the un-quantized base
+    model, fmt = load_for_inference(result.output_dir)  # the serving path: adapter on the un-quantized base
     conversations = [[{"role": "user", "content": user_message(r["instruction"], r["input"])}]
                      for r in map(json.loads, rows[:4])]
-    for c in complete(model, tok, conversations, max_new_tokens=32):
+    for c in complete(model, fmt, conversations, max_new_tokens=32):
         assert c.finish_reason == "stop" and c.completion_tokens < 32
         assert "<|end_of_turn|>" not in c.text
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from medtune import chat_format
 from medtune.data.rows import is_local, local_files
 
-PIPELINE_VERSION = 4  # bump when the encoding, packing or splitting changes meaning
+PIPELINE_VERSION = 5  # bump when the encoding, packing or splitting changes meaning
 _CHUNK = 1 << 20
 
 
@@ -50,15 +49,15 @@ def completion_only(recipe) -> bool:
     return recipe.training.completion_only_loss is not False  # TRL's default (None) means completion-only
 
 
-def fingerprint(recipe, tokenizer) -> str:
+def fingerprint(recipe, fmt) -> str:
     d, t = recipe.data, recipe.training
     parts = {
         "version": PIPELINE_VERSION,
         "train": source_fingerprint(d.dataset_name, d.dataset_config),
         "eval": source_fingerprint(d.eval_dataset_name, None) if d.eval_dataset_name else None,
         "splits": [d.train_split, d.eval_split, d.eval_split_size, d.max_train_samples, d.max_eval_samples, t.seed],
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "template": [chat_format.CHAT_TEMPLATE, chat_format.USER_PREFIX, chat_format.ASSISTANT_PREFIX],
+        "tokenizer": tokenizer_fingerprint(fmt.tokenizer),
+        "template": [fmt.template, list(fmt.stop_ids)],
         "options": [t.max_length, d.overlong, completion_only(recipe), t.packing],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

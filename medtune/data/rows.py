@@ -1,4 +1,5 @@
-"""Reading instruction / input / output (/ source) rows from a hub dataset or local files, counting every bad row.
+"""Reading rows from a hub dataset or local files, in the format each file holds (medtune.data.formats: MedTuned
+instruction rows, conversations, prompt/completion), counting every bad row.
 
 A 200k-row run must neither crash on one broken row nor change or lose rows silently: each row is either kept or
 counted under a reason, and the first few locations of each reason are kept for the report.
@@ -8,7 +9,7 @@ counted under a reason, and the first few locations of each reason are kept for 
   characters. A .json array that does not parse is counted as `invalid_json` under the file's name.
 - `input` may be missing or null (the task has no input); any other non-string (0, false, []) is `non_string_input`.
 - The `source` column (the dataset's current revision) is kept when it is a string.
-- Exact duplicate rows (same instruction, input and output) are kept, as in the data, and counted.
+- Exact duplicate rows (same instruction, input and output; same messages) are kept, as in the data, and counted.
 Each kept row records `index`, its position among the records read (skipped ones included), so that predictions
 made elsewhere for the same file line up with it.
 """
@@ -22,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from medtune.data import formats
+
 logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-REQUIRED = ("instruction", "output")
 EXAMPLES_PER_REASON = 5
 BOM = b"\xef\xbb\xbf"
 _UNREADABLE = object()  # a record that could not be parsed (its reason is already counted)
@@ -42,6 +44,7 @@ class RowReport:
     duplicates: int = 0  # exact repeats of an earlier row of the split, kept
     moved_to_train: int = 0  # rows held out of this split but identical to a row left in it, returned to it
     shared_with_train: int = 0  # eval-split rows identical to a train row, counted only
+    formats: dict[str, str] = field(default_factory=dict)  # file (or hub split) -> the row format it holds
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
@@ -130,34 +133,34 @@ def _iter_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, 
         yield f"{name}[{split}] row {i}", row
 
 
-def clean_row(raw: object, where: str, report: RowReport) -> dict[str, str] | None:
-    """The row as {instruction, input, output[, source]} strings, or None after counting why it was skipped."""
+def clean_row(raw: object, where: str, report: RowReport, fmt: str = formats.INSTRUCTION) -> dict | None:
+    """The row in medtune.data.formats' shape, or None after counting why it was skipped."""
     if not isinstance(raw, dict):
         report.skip("not_an_object", where)
         return None
-    for key in REQUIRED:
-        if key not in raw or raw[key] is None:
-            report.skip(f"missing_{key}", where)
-            return None
-    row = {"instruction": raw["instruction"], "input": "" if raw.get("input") is None else raw["input"],
-           "output": raw["output"]}
-    for key, value in row.items():
-        if not isinstance(value, str):
-            report.skip(f"non_string_{key}", where)
-            return None
-    for key in REQUIRED:
-        if not row[key].strip():
-            report.skip(f"empty_{key}", where)
-            return None
-    if isinstance(raw.get("source"), str) and raw["source"].strip():
-        row["source"] = raw["source"]
+    row, reason = formats.clean(fmt, raw)
+    if row is None:
+        report.skip(reason, where)
+        return None
     row["where"] = where  # for reporting rows dropped later (too long)
+    row["format"] = fmt
     return row
 
 
-def row_key(row: dict) -> tuple[str, str, str]:
+def row_key(row: dict) -> tuple:
     """What makes two rows the same row (exact duplicates)."""
-    return row["instruction"], row["input"], row["output"]
+    return tuple((m["role"], m["content"]) for m in row["messages"]) + (row["train_from"],)
+
+
+def _with_formats(pairs: Iterator[tuple[str, object]], name: str,
+                  report: RowReport) -> Iterator[tuple[str, object, str]]:
+    """The records of one file (or hub split), each with the format of the file's first record."""
+    fmt = None
+    for where, raw in pairs:
+        if fmt is None and raw is not _UNREADABLE:
+            fmt = report.formats[name] = formats.detect(raw)
+            logger.info("%s: %s", name, formats.DESCRIPTION[fmt])
+        yield where, raw, fmt or formats.INSTRUCTION
 
 
 def read_rows(source: str, split: str, config: str | None = None,
@@ -165,15 +168,16 @@ def read_rows(source: str, split: str, config: str | None = None,
     """Clean rows of `source` (local file/folder: all rows; hub id: the named split) and the report."""
     report = RowReport()
     if is_local(source):
-        pairs = (pair for path in local_files(source) for pair in _iter_file(path, report))
+        records = (record for path in local_files(source)
+                   for record in _with_formats(_iter_file(path, report), str(path), report))
     else:
-        pairs = _iter_hub(source, config, split)
+        records = _with_formats(_iter_hub(source, config, split), f"{source}[{split}]", report)
     rows, seen = [], set()
-    for where, raw in pairs:
+    for where, raw, fmt in records:
         if limit is not None and len(rows) >= limit:
             break
         report.rows_read += 1
-        row = None if raw is _UNREADABLE else clean_row(raw, where, report)
+        row = None if raw is _UNREADABLE else clean_row(raw, where, report, fmt)
         if row is not None:
             row["index"] = report.rows_read - 1
             key = row_key(row)

@@ -1,7 +1,7 @@
 """Train and eval rows of a recipe: which split the eval rows come from, and keeping them apart from train.
 
 - An eval split of the dataset (or `eval_dataset_name`): `max_eval_samples` of it are chosen seeded and stratified
-  by source (medtune.eval.select), never "the first N" (MedTuned's validation split is one corpus after another).
+  by source (medtune.data.select), never "the first N" (MedTuned's validation split is one corpus after another).
   Its rows that also occur in train are counted (`shared_with_train`), not changed: the split is the user's.
 - No eval split: `eval_split_size` of train is held out with `datasets.Dataset.train_test_split` (seeded). A
   held-out row identical to a row left in train would score the model on what it trained on, so such rows go
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from medtune.data.rows import RowReport, hub_splits, is_local, read_rows, row_key
+from medtune.data.select import select_rows
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ def hold_out(rows: list[dict], report: RowReport, size: float, max_rows: int | N
 
 def read_splits(recipe):
     """(train rows, train report, eval rows or None, eval report or None)."""
-    from medtune.eval.select import select_rows
-
     d, seed = recipe.data, recipe.training.seed
     train_rows, train_report = read_rows(d.dataset_name, d.train_split, d.dataset_config, d.max_train_samples)
     eval_split = None if (d.eval_split or "none").lower() == "none" else d.eval_split

@@ -6,9 +6,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from medtune import inference
-from medtune.chat_format import encode_examples, user_message
+from medtune.chat_format import ChatFormat, RowError
 from medtune.eval.score import score
+from medtune.decoding import complete
 
 Row = Mapping[str, str]
 
@@ -18,32 +18,38 @@ def _batches(indices: Sequence[int], batch_size: int):
         yield indices[start:start + batch_size]
 
 
-def generate_replies(model, tokenizer, rows: Sequence[Row], max_new_tokens: int, batch_size: int) -> list[str]:
+def prompt_messages(row: Row) -> list[dict]:
+    """The conversation a row's reply is generated from: its user turn alone, no system prompt (as trained)."""
+    return row["messages"][:-1]
+
+
+def generate_replies(model, fmt: ChatFormat, rows: Sequence[Row], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy replies, batched by similar prompt length (less padding), returned in row order."""
-    prompts = [user_message(r["instruction"], r.get("input") or "") for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["messages"][0]["content"]))
     replies: list[str] = [""] * len(rows)
     for idx in _batches(order, batch_size):
-        conversations = [[{"role": "user", "content": prompts[i]}] for i in idx]
-        for i, reply in zip(idx, inference.generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens)):
-            replies[i] = reply
+        completions = complete(model, fmt, [prompt_messages(rows[i]) for i in idx], max_new_tokens=max_new_tokens)
+        for i, completion in zip(idx, completions):
+            replies[i] = completion.text
     return replies
 
 
 @torch.inference_mode()
-def reply_losses(model, tokenizer, rows: Sequence[Row], batch_size: int) -> list[tuple[float, int]]:
-    """(summed negative log-likelihood, token count) of each gold reply (incl. its <|end_of_turn|>), teacher-forced."""
-    encoded = encode_examples(tokenizer, rows)
-    order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))
+def reply_losses(model, fmt: ChatFormat, rows: Sequence[Row], batch_size: int) -> list[tuple[float, int]]:
+    """(summed negative log-likelihood, token count) of each gold reply (with its end-of-turn), teacher-forced."""
+    encoded = fmt.encode([r["messages"] for r in rows])
+    for row, e in zip(rows, encoded):
+        if isinstance(e, RowError):
+            raise ValueError(f"{row.get('where', 'a row')}: {e}")
+    order = sorted(range(len(rows)), key=lambda i: len(encoded[i].input_ids))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     for idx in _batches(order, batch_size):
         # Right padding: every row's positions stay 0..n-1 without passing position_ids.
-        batch = tokenizer.pad({"input_ids": [encoded[i][0] for i in idx]}, padding=True, padding_side="right",
-                              return_tensors="pt").to(model.device)
+        batch = fmt.tokenizer.pad({"input_ids": [encoded[i].input_ids for i in idx]}, padding=True,
+                                  padding_side="right", return_tensors="pt").to(model.device)
         ids = batch["input_ids"]
-        prompt_lengths = torch.tensor([encoded[i][1].index(1) for i in idx], device=ids.device)
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        reply = (positions >= prompt_lengths[:, None]) & batch["attention_mask"].bool()  # mask: 0s, then the reply
+        reply = torch.tensor([encoded[i].mask + [0] * (ids.shape[1] - len(encoded[i].mask)) for i in idx],
+                             dtype=torch.bool, device=ids.device)
         logits = model(**batch).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         nll = (nll * reply[:, 1:]).sum(1)
@@ -52,14 +58,14 @@ def reply_losses(model, tokenizer, rows: Sequence[Row], batch_size: int) -> list
     return out
 
 
-def evaluate_model(model, tokenizer, rows: Sequence[Row], max_new_tokens: int = 256,
+def evaluate_model(model, fmt: ChatFormat, rows: Sequence[Row], max_new_tokens: int = 256,
                    batch_size: int = 8) -> tuple[dict, list[str]]:
     """(medtune.eval.score results with reply losses, replies) for one model; restores its train/eval mode."""
     was_training = model.training
     model.eval()
     try:
-        replies = generate_replies(model, tokenizer, rows, max_new_tokens, batch_size)
-        losses = reply_losses(model, tokenizer, rows, batch_size)
+        replies = generate_replies(model, fmt, rows, max_new_tokens, batch_size)
+        losses = reply_losses(model, fmt, rows, batch_size)
     finally:
         model.train(was_training)
     return score(rows, replies, losses), replies

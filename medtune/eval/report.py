@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from medtune.eval.sources import source_of
+from medtune.data.sources import source_of
 
 COLUMNS = ("scope", "name", "n", "metric", "base", "value", "delta")
 # Metrics computed on a subset of the rows: the table's n is that subset's size.

@@ -4,11 +4,11 @@
         --split validation --max-samples-per-source 200 --out outputs/eval
     medtune-eval --data rows.jsonl --predictions preds.jsonl --out outputs/eval     # replies made elsewhere
 
-With --model, every row's reply is generated (greedy, batched, stops at <|end_of_turn|>) from the user turn
-`chat_format.user_message(instruction, input)`, and the teacher-forced loss on the gold reply gives the
-perplexity; --baseline adds a second model side by side. With --predictions, the replies come from a file with one
-{"prediction": "..."} per row of --data, in its order (vLLM, another server). Either way the replies are scored per
-family and source (medtune.eval.sources, medtune.eval.scorers) into eval.json, eval.md and
+With --model, every row's reply is generated (greedy, batched, stops at the model's stop ids) from the user turn
+`chat_format.user_message(instruction, input)` in the model's chat format, and the teacher-forced loss on the gold
+reply gives the perplexity; --baseline adds a second model side by side. With --predictions, the replies come from
+a file with one {"prediction": "..."} per row of --data, in its order (vLLM, another server). Either way the replies
+are scored per family and source (medtune.data.sources, medtune.eval.scorers) into eval.json, eval.md and
 eval_predictions.jsonl in --out (medtune.eval.report), and optionally W&B.
 """
 
@@ -24,7 +24,7 @@ from medtune.command_line import add_runtime_arguments
 from medtune.data.rows import RowReport, is_local, json_lines
 from medtune.eval.report import log_wandb, write_report
 from medtune.eval.score import score
-from medtune.eval.select import load_rows, select_rows
+from medtune.data.select import load_rows, select_rows
 
 AUTO = "auto"
 
@@ -81,10 +81,10 @@ def _evaluate_models(args, rows: list[dict]) -> tuple[dict, list[str], dict | No
     from medtune.eval.generate import evaluate_model
 
     adapter = adapters.is_adapter(args.model)
-    model, tokenizer = inference.load_for_inference(args.model, device=args.device, dtype=args.dtype)
+    model, fmt = inference.load_for_inference(args.model, device=args.device, dtype=args.dtype)
     baseline = adapters.adapter_base(args.model) if args.baseline == AUTO else args.baseline
     print(f"evaluating {args.model} on {len(rows)} rows")
-    results, replies = evaluate_model(model, tokenizer, rows, args.max_new_tokens, args.batch_size)
+    results, replies = evaluate_model(model, fmt, rows, args.max_new_tokens, args.batch_size)
     if baseline is None:
         return results, replies, None, None, None
     print(f"evaluating baseline {baseline}")
@@ -93,10 +93,10 @@ def _evaluate_models(args, rows: list[dict]) -> tuple[dict, list[str], dict | No
     else:  # another model: free the tuned one first (two 7B models rarely fit together)
         del model
         torch.cuda.empty_cache()
-        model, tokenizer = inference.load_for_inference(baseline, device=args.device, dtype=args.dtype)
+        model, fmt = inference.load_for_inference(baseline, device=args.device, dtype=args.dtype)
         context = nullcontext()
     with context:
-        base, base_replies = evaluate_model(model, tokenizer, rows, args.max_new_tokens, args.batch_size)
+        base, base_replies = evaluate_model(model, fmt, rows, args.max_new_tokens, args.batch_size)
     return results, replies, base, base_replies, baseline
 
 

@@ -7,7 +7,7 @@ from collections import defaultdict
 from typing import Mapping, Sequence
 
 from medtune.eval import scorers
-from medtune.eval.sources import FAMILIES, is_known, source_of
+from medtune.data.sources import FAMILIES, is_known, source_of
 
 Row = Mapping[str, str]
 Losses = Sequence[tuple[float, int]]  # per row: summed reply NLL, reply tokens

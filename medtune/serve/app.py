@@ -23,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 
 from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
+from medtune.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
 from medtune.serve.errors import install_error_handlers, timeout_error
 from medtune.serve.protocol import Limits, chat_params, parse_request, read_body, response_meta, sse
 from medtune.serve.security import LOOPBACK_NAMES, Guard
@@ -38,8 +39,8 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' d
 @dataclass
 class ServerSettings:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    default_max_tokens: int = 256
-    default_temperature: float = 0.7
+    default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    default_temperature: float = DEFAULT_TEMPERATURE
     request_timeout: float = 300.0  # seconds from arrival to the last token, queueing included
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None

@@ -17,9 +17,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from medtune.chat_format import END_OF_TURN
-from medtune.serve.decoding import DecodeBatch, Sampling
-from medtune.serve.reply import ReplyText
+from medtune.chat_format import ChatFormat
+from medtune.decoding import DecodeBatch
+from medtune.generation import Reply, Sampling
 
 log = logging.getLogger("medtune.serve")
 
@@ -58,12 +58,11 @@ def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
 
 
 class Batcher:
-    def __init__(self, model, tok, max_batch_size: int = 8, max_queue: int = 64):
+    def __init__(self, model, fmt: ChatFormat, max_batch_size: int = 8, max_queue: int = 64):
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError("max_batch_size must be >= 1 and max_queue >= 0")
-        self.model, self.tok = model, tok
+        self.model, self.fmt = model, fmt
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        self.eot = tok.convert_tokens_to_ids(END_OF_TURN)
         self.stats = dict(batches=0, largest_batch=0, finished=0, cancelled=0, timed_out=0, failed=0, tokens=0)
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
@@ -134,8 +133,8 @@ class Batcher:
             return
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
-        replies = [ReplyText(self.tok, j.stop) for j in jobs]
-        batch = DecodeBatch(self.model, self.tok, [j.prompt for j in jobs], [j.sampling for j in jobs])
+        replies = [Reply(self.fmt, j.max_tokens, j.stop) for j in jobs]
+        batch = DecodeBatch(self.model, self.fmt, [j.prompt for j in jobs], [j.sampling for j in jobs])
         while batch.rows and not self._closing:
             tokens = batch.sample()
             self.stats["tokens"] += len(tokens)
@@ -143,26 +142,19 @@ class Batcher:
             self._flush()  # the clients get this step's tokens while the next one is computed
             batch.advance(tokens, keep)
 
-    def _feed(self, job: Job, reply: ReplyText, token: int) -> bool:
+    def _feed(self, job: Job, reply: Reply, token: int) -> bool:
         """Give `job` its next token; False once its reply has ended (or nobody wants it any more)."""
         if job.cancelled:
             return self._end([job], "cancelled")
         if time.monotonic() > job.deadline:
             return self._end([job], "timed_out", ("timeout", None))
-        job.completion_tokens += 1
-        if token == self.eot:
-            return self._finish(job, reply, "stop")
-        text, stopped = reply.add(token)
-        if text:
+        if text := reply.add(token):
             self._outbox.append((job, ("text", text)))
-        if stopped or job.completion_tokens >= job.max_tokens:
-            return self._finish(job, reply, "stop" if stopped else "length")
-        return True
-
-    def _finish(self, job: Job, reply: ReplyText, reason: str) -> bool:
-        if held := reply.flush():
-            self._outbox.append((job, ("text", held)))
-        return self._end([job], "finished", ("finish", Finish(reason, len(job.prompt), job.completion_tokens)))
+        job.completion_tokens = reply.tokens
+        if reply.finish_reason is None:
+            return True
+        finish = Finish(reply.finish_reason, len(job.prompt), reply.tokens)
+        return self._end([job], "finished", ("finish", finish))
 
     def _end(self, jobs: list[Job], outcome: str, event: tuple | None = None) -> bool:
         for job in jobs:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from medtune.command_line import add_runtime_arguments
 from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
+from medtune.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
 from medtune.serve.protocol import Limits
 from medtune.serve.security import allowed_hosts, is_loopback
 
@@ -30,9 +31,9 @@ def parser() -> argparse.ArgumentParser:
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--system-prompt", help="system prompt used when a client sends none")
     prompt.add_argument("--system-prompt-file", type=Path, help="read the system prompt from this file")
-    p.add_argument("--max-tokens", type=int, default=256, help="default reply length in tokens")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="default reply length in tokens")
     p.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens, help="largest max_tokens allowed")
-    p.add_argument("--temperature", type=float, default=0.7, help="default sampling temperature")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="default sampling temperature")
     p.add_argument("--max-model-len", type=int, help="context size in tokens (default: the model's)")
     load = p.add_argument_group("load")
     load.add_argument("--max-batch-size", type=int, default=8,
@@ -70,9 +71,9 @@ def build_backend(args):
     from medtune.inference import load_for_inference_or_demo
     from medtune.serve.local import LocalBackend
 
-    model, tok = load_for_inference_or_demo(args.model, args.device, args.dtype)
+    model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype)
     name = Path(args.model).resolve().name if args.model else "tiny-starling-demo"
-    return LocalBackend(model, tok, name, args.max_batch_size, args.max_queue, args.max_model_len)
+    return LocalBackend(model, fmt, name, args.max_batch_size, args.max_queue, args.max_model_len)
 
 
 def main(argv: list[str] | None = None) -> None:

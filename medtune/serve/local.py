@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Awaitable, Callable
 
-from medtune.chat_format import encode_messages
+from medtune.chat_format import ChatFormat, RowError
+from medtune.generation import Sampling
 from medtune.serve.batcher import Batcher, Job, QueueFull
-from medtune.serve.decoding import Sampling
 from medtune.serve.errors import APIError, timeout_error
 from medtune.serve.protocol import ChatParams, chunk, completion_body, sse, usage
 
 
 class LocalBackend:
-    def __init__(self, model, tok, name: str = "medtune", max_batch_size: int = 8, max_queue: int = 64,
+    def __init__(self, model, fmt: ChatFormat, name: str = "medtune", max_batch_size: int = 8, max_queue: int = 64,
                  max_model_len: int | None = None):
-        self.tok, self.name = tok, name
-        self.batcher = Batcher(model, tok, max_batch_size, max_queue)
+        self.fmt, self.name = fmt, name
+        self.batcher = Batcher(model, fmt, max_batch_size, max_queue)
         limit = getattr(model.config, "max_position_embeddings", None)
         self.context_size = min(filter(None, (limit, max_model_len)), default=None)
 
@@ -36,7 +36,10 @@ class LocalBackend:
                  "max_model_len": self.context_size}]
 
     def _submit(self, params: ChatParams, deadline: float) -> Job:
-        prompt = encode_messages(self.tok, params.messages)
+        try:
+            prompt = self.fmt.prompt_ids(params.messages)
+        except (RowError, ValueError) as e:  # e.g. a template that requires alternating roles
+            raise APIError(400, f"the model's chat template refused the conversation: {e}", "messages") from None
         max_tokens = params.max_tokens
         if self.context_size:
             room = self.context_size - len(prompt)

@@ -11,7 +11,8 @@ from typing import Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medtune.chat_format import GREEDY_TEMPERATURE, with_system_prompt
+from medtune.chat_format import with_system_prompt
+from medtune.generation import GREEDY_TEMPERATURE
 from medtune.serve.errors import APIError
 
 

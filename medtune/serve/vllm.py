@@ -1,15 +1,14 @@
 """`medtune-serve --print-vllm-command`: the exact `vllm serve` command for an exported model or a LoRA adapter.
 
 Flags as vLLM's CLI defines them (vllm-project/vllm: vllm/entrypoints/openai/cli_args.py, vllm/config/lora.py,
-vllm/config/model.py; docs/SERVING.md cites them):
-- `--chat-template` takes "the file path to the chat template, or the template in single-line form": medtune's
-  Starling template is one line, so the served prompt is exactly the training format whatever the tokenizer folder
-  holds;
+vllm/config/model.py; docs/SERVING.md cites them). Nothing that changes how vLLM renders a prompt: it renders with
+the chat template of the tokenizer folder it is given, which is the one medtune trained with (saved with the adapter
+and by medtune-export), so no `--chat-template`.
 - a merged model: `--served-model-name`, and `--generation-config <folder>`, whose generation_config.json (written by
-  medtune-export) stops at <|end_of_turn|>;
+  medtune-export) lists every stop id of the chat format as eos_token_id;
 - an adapter: the base model from adapter_config.json, `--enable-lora --lora-modules name=path`, `--max-lora-rank`
-  (one of vLLM's allowed ranks, at least the adapter's r), and `--tokenizer <adapter folder>`, the Starling tokenizer
-  saved with the adapter, whose eos token is <|end_of_turn|> (vLLM always stops at the tokenizer's eos);
+  (one of vLLM's allowed ranks, at least the adapter's r), `--tokenizer <adapter folder>` (the tokenizer saved with
+  the adapter) and `--generation-config <adapter folder>` (the stop ids training wrote there);
 - no key on the command line: vLLM reads VLLM_API_KEY from its environment, as it would `--api-key`.
 """
 
@@ -19,10 +18,10 @@ import json
 import shlex
 from pathlib import Path
 
-from medtune.chat_format import CHAT_TEMPLATE
 from medtune.adapters import ADAPTER_CONFIG, adapter_config, is_adapter
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # MaxLoRARanks in vllm/config/lora.py
+GENERATION_CONFIG = "generation_config.json"
 
 
 def vllm_args(model: str | Path, name: str | None = None, max_model_len: int | None = None,
@@ -40,17 +39,13 @@ def vllm_args(model: str | Path, name: str | None = None, max_model_len: int | N
         args = ["vllm", "serve", config["base_model_name_or_path"], "--enable-lora", "--lora-modules", lora,
                 "--max-lora-rank", str(max_rank), "--tokenizer", str(path)]
     else:
-        args = ["vllm", "serve", str(path), "--served-model-name", name, "--generation-config", str(path)]
-    args += ["--chat-template", CHAT_TEMPLATE, "--port", str(port)]
+        args = ["vllm", "serve", str(path), "--served-model-name", name]
+    if (path / GENERATION_CONFIG).is_file():
+        args += ["--generation-config", str(path)]
+    args += ["--port", str(port)]
     if max_model_len:
         args += ["--max-model-len", str(max_model_len)]
     return args
-
-
-def _quote(arg: str) -> str:
-    """shlex.quote, but double quotes around text with single quotes (the chat template) when that is safe: the
-    template then reads as it is."""
-    return f'"{arg}"' if "'" in arg and not set('"$`\\!') & set(arg) else shlex.quote(arg)
 
 
 def vllm_instructions(model: str | Path, name: str | None = None, max_model_len: int | None = None,
@@ -60,7 +55,7 @@ def vllm_instructions(model: str | Path, name: str | None = None, max_model_len:
     return "\n".join([
         "# On the GPU machine (vLLM reads its API key from VLLM_API_KEY; bind it to a network only medtune can reach):",
         "export VLLM_API_KEY=<a long random key>",
-        " ".join(map(_quote, vllm_args(model, name, max_model_len, port))),
+        shlex.join(vllm_args(model, name, max_model_len, port)),
         "# In front of it, the page, the emergency triage and your users' keys:",
         f"MEDTUNE_UPSTREAM_API_KEY=$VLLM_API_KEY medtune-serve --upstream http://<gpu-machine>:{port}/v1 "
         f"--upstream-model {shlex.quote(name)}",

@@ -11,7 +11,7 @@ import re
 from typing import Sequence
 
 from medtune.eval.scorers.text import f1, mean
-from medtune.eval.sources import I2B2_RELATIONS
+from medtune.data.sources import I2B2_RELATIONS
 
 Scores = dict[str, float]
 

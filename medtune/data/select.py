@@ -1,7 +1,7 @@
 """Which held-out rows an evaluation uses: the split to read, and a seeded choice stratified by source.
 
 MedTuned's validation split is the source corpora's dev sets concatenated in blocks, not shuffled, so "the first
-N rows" is one corpus. Rows are therefore grouped by source (medtune.eval.sources), each group shuffled with the
+N rows" is one corpus. Rows are therefore grouped by source (medtune.data.sources), each group shuffled with the
 seed, and taken from every group in turn: at most N per source, and/or N in all spread evenly over the sources.
 Written here rather than with `datasets.Dataset.train_test_split(stratify_by_column=...)`: that one allocates in
 proportion to group size (a large corpus would crowd out the small ones) and refuses groups of one row.
@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import Mapping, Sequence, TypeVar
 
 from medtune.data.rows import RowReport, hub_splits, is_local, read_rows
-from medtune.eval.sources import source_of
+from medtune.data.sources import source_of
 
 Row = TypeVar("Row", bound=Mapping)
 
