@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -74,16 +75,24 @@ class ChatParams:
     include_usage: bool
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 beyond `limit` bytes (checked while reading, not after)."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refused with 413 beyond `limit` bytes (checked while reading, not after), and with 408 when
+    it is not complete `timeout` seconds after the headers: a client that sends part of a body and waits would
+    otherwise hold its connection for as long as it likes. The 408 closes the connection."""
     if int(request.headers.get("content-length") or 0) > limit:
         raise APIError(413, f"request body too large (limit {limit} bytes)", code="request_too_large")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
+    deadline = time.monotonic() + timeout
+    chunks, body = request.stream(), bytearray()
+    while True:
+        try:
+            body += await asyncio.wait_for(anext(chunks), max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            return bytes(body)
+        except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s (--body-timeout)",
+                           code="body_timeout", headers={"Connection": "close"}) from None
         if len(body) > limit:
             raise APIError(413, f"request body too large (limit {limit} bytes)", code="request_too_large")
-    return body
 
 
 def parse_request(body: bytes) -> ChatRequest:
