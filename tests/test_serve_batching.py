@@ -189,3 +189,17 @@ def test_serve_load_benchmark_code_path(tmp_path):
                               "--stream", "--json", str(out)])
     assert [r["side"] for r in result["rows"]] == ["batched", "one_at_a_time"]
     assert result["identical_replies"] and json.loads(out.read_text())["rows"][1]["ratio"] == 1.0
+
+
+@pytest.mark.slow
+def test_serve_stall_benchmark_code_path(tmp_path):
+    """bench/serve_stall.py at tiny sizes: every side ran, the hostile reply is the plain one, the issue's stop list
+    is refused (no timing)."""
+    from bench import serve_stall
+
+    result = serve_stall.main(["--repeats", "1", "--long-tokens", "64", "--json", str(tmp_path / "stall.json")])
+    assert [(r["arrival"], r["side"]) for r in result["rows"]] == [
+        (arrival, side) for arrival in ("same batch", "arrives later")
+        for side in ("alone", "with plain long", "with hostile long")]
+    assert result["identical_replies"] and result["issue_stop_list_status"] == 400
+    assert [r["stop strings"] for r in result["hold_back"]] == ["none", "4 x 240", "4 x 60,000"]
