@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medtune.chat_format import GREEDY_TEMPERATURE, with_system_prompt
 from medtune.serve.errors import APIError
@@ -30,18 +30,16 @@ class Limits:
     max_stop_chars: int = 240
 
 
-class ContentPart(BaseModel):
-    """One part of a message's content (OpenAI's typed content); only text parts can be read here."""
-
-    model_config = ConfigDict(extra="allow")
-
-    type: str
-    text: str | None = None
-
-
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
-    content: str | list[ContentPart]
+    content: str | list  # a string, or OpenAI's content parts, read by message_text (which names a bad part)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_or_parts(cls, value):
+        if not isinstance(value, (str, list)):  # one clear error, not one per branch of the union
+            raise ValueError("content must be a string or a list of content parts")
+        return value
 
 
 class ChatRequest(BaseModel):
@@ -113,12 +111,15 @@ def message_text(message: Message, i: int) -> str:
     texts = []
     for j, part in enumerate(message.content):
         where = f"messages[{i}].content[{j}]"
-        if part.type != "text":
-            raise APIError(400, f"{where} is a {part.type!r} part: this server reads text only", where,
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise APIError(400, f"{where} is not a content part: it needs a 'type'", where)
+        if kind != "text":
+            raise APIError(400, f"{where} is a {kind!r} part: this server reads text only", where,
                            "unsupported_content")
-        if part.text is None:
+        if not isinstance(part.get("text"), str):
             raise APIError(400, f"{where}: a text part needs a string 'text'", f"{where}.text")
-        texts.append(part.text)
+        texts.append(part["text"])
     return "\n".join(texts)
 
 
