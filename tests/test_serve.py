@@ -304,3 +304,11 @@ def test_allowed_host_names():
     assert allowed_hosts("0.0.0.0", ["*"]) is None
     assert [host_name(h) for h in ("example.org:8000", "[::1]:8000", "::1", "EXAMPLE.org")] == [
         "example.org", "::1", "::1", "example.org"]
+
+
+@pytest.mark.parametrize("options", [{"n": None}, {"n": 1}, {"logprobs": False}, {"logprobs": None, "top_logprobs": 0}])
+def test_options_asking_for_what_the_server_does_are_accepted(options):
+    from medtune.serve.protocol import ChatRequest, Limits, chat_params
+
+    req = ChatRequest.model_validate({"messages": ASK, **options})
+    assert chat_params(req, Limits(), "", 8, 0.7).messages == ASK

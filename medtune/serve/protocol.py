@@ -51,7 +51,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer OpenAI name for max_tokens
-    n: int = 1
+    n: int | None = None  # None or 1: one choice
     logprobs: bool | None = None
     top_logprobs: int | None = None
     stop: str | list[str] | None = None
@@ -125,7 +125,7 @@ def message_text(message: Message, i: int) -> str:
 
 def _check_unsupported(req: ChatRequest) -> None:
     """Options this server cannot honour get a 400 rather than a reply that pretends otherwise."""
-    if req.n != 1:
+    if req.n not in (None, 1):
         raise APIError(400, f"n={req.n}: this server returns one choice per request (n=1)", "n",
                        "unsupported_parameter")
     for name in ("logprobs", "top_logprobs"):
