@@ -134,9 +134,11 @@ def connection_limits(p: argparse.ArgumentParser, args) -> ConnectionLimits:
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive")
     if args.max_connections is not None:
+        if args.max_connections < 1:
+            p.error("--max-connections must be at least 1")
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         needed = args.max_connections + backlog(args.max_connections)
-        if args.max_connections < 1 or (soft != resource.RLIM_INFINITY and needed > soft):
+        if soft != resource.RLIM_INFINITY and needed > soft:
             p.error(f"--max-connections {args.max_connections} (accepting up to {backlog(args.max_connections)} "
                     f"more at once) needs {needed} open files, and this process may open {soft} (ulimit -n)")
     return ConnectionLimits(header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
