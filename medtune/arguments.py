@@ -18,7 +18,8 @@ class DataArguments:
 
     dataset_name: str = field(
         default=MEDTUNED,
-        metadata={"help": "Hub dataset id, or a local .jsonl/.json/.parquet/.csv file or a folder of them."},
+        metadata={"help": "Hub dataset id, or a local .jsonl/.json/.parquet/.csv file (the first three also "
+                          ".gz/.bz2/.xz/.zst compressed) or a folder of them."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     train_split: str = field(default="train", metadata={"help": "Split used for training."})

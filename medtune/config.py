@@ -19,6 +19,7 @@ from pathlib import Path
 from trl import TrlParser
 
 from medtune.arguments import ARGUMENTS, STARLING, Recipe
+from medtune.data.rows import FILE_TYPES, data_format
 
 # Older TRL recipes (and the reference recipe) say max_seq_length; TRL now calls it max_length.
 KEY_ALIASES = {"max_seq_length": "max_length"}
@@ -218,9 +219,9 @@ def _check_data_source(key: str, value: str | None) -> None:
     path = Path(value).expanduser()
     if path.exists():
         return
-    if _looks_local(value) or path.suffix in {".jsonl", ".json", ".parquet", ".csv"}:
+    if _looks_local(value) or data_format(path):
         raise ConfigError(f"{key}={value!r}: no such file or folder; give an existing data file/folder "
-                          "(.jsonl/.json/.parquet/.csv) or a hub dataset id like 'nlpie/Llama2-MedTuned-Instructions'")
+                          f"({FILE_TYPES}) or a hub dataset id like 'nlpie/Llama2-MedTuned-Instructions'")
 
 
 def _check_model_source(value: str | None) -> None:

@@ -10,6 +10,7 @@ import time
 import uvicorn
 
 from medtune.serve.app import ServerSettings, create_app
+from medtune.serve.connections import ConnectionLimits, server_config
 from medtune.serve.local import LocalBackend
 from medtune.serve.protocol import Limits
 
@@ -17,13 +18,14 @@ LIMITS = Limits(max_body_bytes=20_000, max_messages=8, max_message_chars=2000, m
 
 
 class LocalServer:
-    """uvicorn serving `app` on 127.0.0.1 at a free port, in a background thread.
+    """uvicorn serving `app` on 127.0.0.1 at a free port, in a background thread, configured as medtune-serve
+    configures it (medtune.serve.connections.server_config) with `limits`.
 
     `sndbuf` caps the kernel send buffer of every connection (accepted sockets inherit it from the listening one),
     so that a client that stops reading blocks the server's writes after a few kilobytes.
     """
 
-    def __init__(self, app, sndbuf: int | None = None):
+    def __init__(self, app, sndbuf: int | None = None, limits: ConnectionLimits | None = None):
         self.app = app
         self.sock = socket.socket()
         if sndbuf:
@@ -31,7 +33,7 @@ class LocalServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = uvicorn.Server(server_config(app, limits, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property
@@ -52,9 +54,11 @@ class LocalServer:
         self.sock.close()
 
 
-def local_server(model_and_tok, settings: ServerSettings | None = None, sndbuf: int | None = None, **backend_kwargs):
+def local_server(model_and_tok, settings: ServerSettings | None = None, sndbuf: int | None = None,
+                 limits: ConnectionLimits | None = None, **backend_kwargs):
     settings = settings or ServerSettings(default_max_tokens=8, limits=LIMITS)
-    return LocalServer(create_app(LocalBackend(*model_and_tok, "tiny-starling", **backend_kwargs), settings), sndbuf)
+    backend = LocalBackend(*model_and_tok, "tiny-starling", **backend_kwargs)
+    return LocalServer(create_app(backend, settings), sndbuf, limits)
 
 
 def raw_request(port: int, body: dict, rcvbuf: int | None = None, headers: str = "") -> socket.socket:

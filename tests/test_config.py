@@ -74,6 +74,7 @@ def _recipe(tmp_path, **changes):
         ({"max_seq_length": 8}, [], r"max_length=8 leaves no room for a conversation"),
         ({"packing_strategy": "wrapped"}, [], r"packing_strategy='wrapped' lets samples share attention"),
         ({"dataset_name": "./missing/data.jsonl"}, [], r"dataset_name='./missing/data.jsonl': no such file"),
+        ({"eval_dataset_name": "held_out.csv.gz"}, [], r"eval_dataset_name='held_out.csv.gz': no such file"),
         ({"model_name_or_path": "./no/such/model"}, [], r"model_name_or_path='./no/such/model': no such folder"),
         ({"use_peft": False}, [], r"quantized base model can only be trained with LoRA"),
         ({"lora_dropout": 1.5}, [], r"LoRA settings .* dropout in \[0, 1\)"),

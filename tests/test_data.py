@@ -351,3 +351,121 @@ def test_show_json_prints_the_first_prepared_rows_unpacked(tiny_args, fmt, sampl
         trained = [i for i in record["labels"] if i != -100]
         assert fmt.tokenizer.decode(trained) == row["output"].strip() + "<|end_of_turn|>"
         assert len(record["labels"]) == len(record["input_ids"])
+
+
+# -- every file type, read as written ---------------------------------------------------------------------------
+
+NA_SPELLINGS = ["None", "NA", "N/A", "null", "nan", "NULL", "n/a", "#N/A", "-nan"]  # pandas' NA defaults
+
+
+def _csv(path, lines: list[str], newline: str = "\n") -> str:
+    path.write_text(newline.join(lines) + newline, newline="")
+    return str(path)
+
+
+def test_csv_cells_are_read_exactly_as_written(tmp_path):
+    lines = ["instruction,input,output"] + [f"Which hallmarks?,{na},{na}" for na in NA_SPELLINGS]
+    lines += ["Count.,,0", "Count.,007,1.50", 'Quote.,"a, ""b""\nand c",true']
+    rows, report = read_rows(_csv(tmp_path / "hoc.csv", lines), "train")
+    assert not report.skipped and report.rows_read == len(NA_SPELLINGS) + 3
+    assert [(r["input"], r["output"]) for r in rows] == [(na, na) for na in NA_SPELLINGS] + [
+        ("", "0"), ("007", "1.50"), ('a, "b"\nand c', "true")]
+    numbers = read_rows(_csv(tmp_path / "n.csv", ["instruction,output", "Q1,1", "Q2,2", "Q3,3"]), "train")[0]
+    assert [r["output"] for r in numbers] == ["1", "2", "3"]  # all numbers: still text
+
+
+def test_csv_rows_that_cannot_be_read_as_written_are_counted(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"instruction,input,output\r" + b"Q,in,out\r" + b"Q,in,out,extra\r" + b"Q,in\r"
+                     + b"Q,caf\xe9,out\r" + b"\r" + b"Q,\"two\rlines\",out\r")  # bare CRs end the lines
+    rows, report = read_rows(str(path), "train")
+    assert dict(report.skipped) == {"csv_field_count": 2, "invalid_utf8": 1} and report.rows_read == 5
+    assert report.examples["csv_field_count"] == [f"{path}:3", f"{path}:4"]
+    assert report.examples["invalid_utf8"] == [f"{path}:5"]
+    assert [(r["input"], r["index"]) for r in rows] == [("in", 0), ("two\rlines", 4)]
+
+
+def test_parquet_non_strings_are_counted_not_converted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"instruction": ["Q", "Q", "Q"], "input": ["None", "", None], "output": ["NA", "x", "y"]}),
+                   path)
+    rows, report = read_rows(str(path), "train")
+    assert [(r["input"], r["output"]) for r in rows] == [("None", "NA"), ("", "x"), ("", "y")] and not report.skipped
+    pq.write_table(pa.table({"instruction": ["Q", "Q"], "output": [1, 2]}), path)
+    rows, report = read_rows(str(path), "train")
+    assert rows == [] and dict(report.skipped) == {"non_string_output": 2}
+
+
+def test_lone_carriage_returns_end_json_lines(tmp_path):
+    records = [json.dumps(ROW | {"input": str(i)}).encode() for i in range(4)]
+    path = tmp_path / "cr.jsonl"
+    path.write_bytes(records[0] + b"\r" + records[1] + b"\r\n" + records[2] + b"\n\r" + records[3])
+    rows, report = read_rows(str(path), "train")
+    assert [r["input"] for r in rows] == ["0", "1", "2", "3"] and not report.skipped
+    assert [r["where"] for r in rows] == [f"{path}:{n}" for n in (1, 2, 3, 5)]
+
+
+def _compress(path, data: bytes, suffix: str):
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    target = path.with_name(path.name + suffix)
+    target.write_bytes(compress(data))
+    return str(target)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_files_are_read(tmp_path, suffix):
+    lines = tmp_path / "rows.jsonl"
+    _jsonl(lines, [ROW, ROW | {"input": "None"}])
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([ROW, ROW | {"input": "None"}]))
+    table = tmp_path / "rows.csv"
+    _csv(table, ["instruction,input,output", "Name the disease.,Fever and rash.,Measles.",
+                 "Name the disease.,None,Measles."])
+    for path in (lines, array, table):
+        expected = read_rows(str(path), "train")[0]
+        rows, report = read_rows(_compress(path, path.read_bytes(), suffix), "train")
+        assert [r["input"] for r in rows] == [r["input"] for r in expected] == ["Fever and rash.", "None"]
+        assert not report.skipped
+
+
+def test_zstd_files_are_read_or_named_with_what_they_need(tmp_path):
+    path = tmp_path / "rows.jsonl.zst"
+    try:
+        from compression import zstd
+    except ImportError:
+        try:
+            import zstandard as zstd
+        except ImportError:
+            zstd = None
+    if zstd is None:
+        path.write_bytes(b"\x28\xb5\x2f\xfd")  # a zstd frame's magic number
+        with pytest.raises(ValueError, match=f"{path}: reading .zst files needs the zstandard package"):
+            read_rows(str(path), "train")
+    else:
+        path.write_bytes(zstd.compress(json.dumps(ROW).encode() + b"\n"))
+        assert [r["input"] for r in read_rows(str(path), "train")[0]] == [ROW["input"]]
+
+
+def test_other_files_are_an_error_alone_and_counted_and_named_in_a_folder(tmp_path, caplog):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    records = [ROW | {"input": str(i)} for i in range(20)]
+    _jsonl(folder / "a.jsonl", records)
+    _compress(folder / "b.jsonl", (folder / "a.jsonl").read_bytes(), ".gz")
+    _jsonl(folder / "c.txt", records)
+    (folder / "d.jsonl.zip").write_bytes(b"PK")
+    with pytest.raises(ValueError, match=f"{folder / 'c.txt'}: not a data file medtune reads"):
+        read_rows(str(folder / "c.txt"), "train")
+    with caplog.at_level("WARNING"):
+        rows, report = read_rows(str(folder), "train")
+    assert len(rows) == report.rows_read == 40 and not report.skipped
+    assert report.unread_files == [str(folder / "c.txt"), str(folder / "d.jsonl.zip")]
+    assert report.notes == {"unread_files": 2}
+    assert "2 file(s) not read" in caplog.text and str(folder / "c.txt") in caplog.text

@@ -3,6 +3,8 @@ base on the tiny model; the eval.json contract, per family and per source."""
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,30 @@ def test_scoring_mode_lines_predictions_up_with_skipped_rows_and_counts_bad_ones
     with pytest.raises(SystemExit, match="has 6 records but --data has 7 rows"):
         run.main(["--data", str(data), "--predictions", str(_write_predictions(tmp_path / "short.jsonl", replies[:6])),
                   "--out", str(tmp_path / "out2")])
+
+
+def test_scoring_mode_shows_ner_reply_lines_that_are_wrong_or_extra(tmp_path):
+    rows = _sample_rows()
+    replies = [{"prediction": r["output"] + ("\n" + r["output"]) * 9 if r["source"] == "NCBI-disease" else r["output"]}
+               for r in rows]  # NCBI-disease replies loop: the gold ten times
+    run.main(["--data", str(SAMPLE_EVAL), "--predictions", str(_write_predictions(tmp_path / "p.jsonl", replies)),
+              "--out", str(tmp_path / "r")])
+    ncbi = json.loads((tmp_path / "r" / "eval.json").read_text())["sources"]["NCBI-disease"]
+    extra = 9 * sum(len(r["output"].split("\n")) for r in rows if r["source"] == "NCBI-disease")
+    assert ncbi["n_extra_lines"] == extra and ncbi["n_misaligned_lines"] == 0
+    assert ncbi["entity_f1"] == pytest.approx(2 / 11)  # precision 1/10, recall 1
+    markdown = (tmp_path / "r" / "eval.md").read_text()
+    assert f"| source | NCBI-disease | 3 | n_extra_lines | – | {extra} | – |" in markdown
+    assert "| source | NCBI-disease | 3 | n_misaligned_lines | – | 0 | – |" in markdown
+    assert "| source | BC2GM | 3 | n_extra_lines | – | 0 | – |" in markdown
+
+
+def test_scoring_without_a_usable_prediction_exits_non_zero_with_the_count(tmp_path):
+    preds = _write_predictions(tmp_path / "preds.jsonl", [{"text": r["output"]} for r in _sample_rows()])
+    done = subprocess.run([sys.executable, "-m", "medtune.eval.run", "--data", str(SAMPLE_EVAL), "--predictions",
+                           str(preds), "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert done.returncode == 1 and not (tmp_path / "r").exists()
+    assert f"--predictions {preds}: none of its 58 records has a string 'prediction'" in done.stderr
 
 
 def test_scoring_mode_samples_per_source(tmp_path):

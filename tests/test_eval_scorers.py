@@ -37,8 +37,16 @@ def test_ner_misaligned_lines_are_wrong_not_skipped():
                       "n_misaligned_lines": 7, "n_extra_lines": 0}
     garbage = ner.score_ner([GOLD_NER], ["The entities are Lithium and acute renal failure."])
     assert garbage["entity_f1"] == 0.0 and garbage["n_misaligned_lines"] == 7
-    extra = ner.score_ner([GOLD_NER], [GOLD_NER + "\nextra : B"])
-    assert extra["entity_f1"] == 1.0 and extra["n_extra_lines"] == 1
+
+
+
+def test_ner_extra_lines_are_wrong_predictions():
+    extra = ner.score_ner([GOLD_NER], [GOLD_NER + "\nextra : B\nmore : O"])  # one more entity: a false positive
+    assert extra == pytest.approx({"entity_precision": 2 / 3, "entity_recall": 1.0, "entity_f1": 0.8,
+                                   "n_misaligned_lines": 0, "n_extra_lines": 2})
+    looping = ner.score_ner([GOLD_NER], ["\n".join([GOLD_NER] * 10)])  # 2 right entities, 18 repeated ones
+    assert looping == pytest.approx({"entity_precision": 0.1, "entity_recall": 1.0, "entity_f1": 2 / 11,
+                                     "n_misaligned_lines": 0, "n_extra_lines": 63})
 
 
 def test_ner_typed_i2b2_tags_html_entities_and_case():

@@ -106,22 +106,76 @@ def test_raw_sse_wire_format(server):
     assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    (dict(messages=[{"role": "user", "content": "x" * 2001}]), "messages[0].content"),
-    (dict(messages=ASK * 9), "messages"),
-    (dict(messages=ASK, max_tokens=2001), "max_tokens"),
-    (dict(messages=[{"role": "doctor", "content": "hi"}]), "messages.0.role"),
-    (dict(messages=[]), "messages"),
-    (dict(messages=ASK, stop=["a", "b", "c", "d", "e"]), "stop"),
-    (dict(messages=ASK, max_tokens=1990), "messages"),  # the prompt plus max_tokens exceeds the context (2048)
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+AUDIO = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+
+
+@pytest.mark.parametrize("kwargs, param, message", [
+    (dict(messages=[{"role": "user", "content": "x" * 2001}]), "messages[0].content",
+     "message 0 is too long: 2001 characters > 2000"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "x" * 1000}] * 2}]), "messages[0].content",
+     "message 0 is too long: 2001 characters > 2000"),  # the parts joined
+    (dict(messages=ASK * 9), "messages", "too many messages: 9 > 8"),
+    (dict(messages=ASK, max_tokens=2001), "max_tokens", "max_tokens is too large: 2001 > 2000"),
+    (dict(messages=ASK, max_completion_tokens=2001), "max_completion_tokens",
+     "max_completion_tokens is too large: 2001 > 2000"),
+    (dict(messages=[{"role": "doctor", "content": "hi"}]), "messages.0.role", None),
+    (dict(messages=[]), "messages", None),
+    (dict(messages=ASK, stop=["a", "b", "c", "d", "e"]), "stop", "stop takes up to 4 non-empty strings"),
+    (dict(messages=ASK, max_tokens=1990), "messages", None),  # the prompt plus max_tokens exceeds the context (2048)
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "What is this rash?"}, IMAGE]}]),
+     "messages[0].content[1]", "messages[0].content[1] is a 'image_url' part: this server reads text only"),
+    (dict(messages=[ASK[0], {"role": "user", "content": [AUDIO]}]), "messages[1].content[0]",
+     "messages[1].content[0] is a 'input_audio' part: this server reads text only"),
+    (dict(messages=[{"role": "user", "content": ["hi"]}]), "messages[0].content[0]",
+     "messages[0].content[0] is not a content part: it needs a 'type'"),
+    (dict(messages=[{"role": "user", "content": 5}]), "messages.0.content",
+     "invalid request: messages.0.content: Value error, content must be a string or a list of content parts"),
+    (dict(messages=ASK, n=2), "n", "n=2: this server returns one choice per request (n=1)"),
+    (dict(messages=ASK, logprobs=True), "logprobs", "logprobs: this server does not return log probabilities"),
+    (dict(messages=ASK, top_logprobs=3), "top_logprobs",
+     "top_logprobs: this server does not return log probabilities"),
 ])
-def test_limits_give_openai_errors(client, kwargs, param):
+def test_limits_give_openai_errors(client, kwargs, param, message):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="tiny-starling", **kwargs)
     assert err.value.status_code == 400
     assert err.value.body["param"] == param and err.value.body["type"] == "invalid_request_error"
-    if param == "messages[0].content":
-        assert "message 0 is too long: 2001 characters > 2000" in err.value.message
+    if message:
+        assert err.value.body["message"] == message
+
+
+def test_content_parts_and_the_developer_role_as_openai_clients_send_them(client):
+    from openai.types.chat import (ChatCompletionContentPartTextParam, ChatCompletionDeveloperMessageParam,
+                                   ChatCompletionUserMessageParam)
+
+    kwargs = dict(model="tiny-starling", max_tokens=6, temperature=0)
+    as_text = client.chat.completions.create(messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "I have a sore throat\nand a mild fever."}], **kwargs)
+    typed = [ChatCompletionDeveloperMessageParam(role="developer", content=[
+                 ChatCompletionContentPartTextParam(type="text", text="Be brief.")]),
+             ChatCompletionUserMessageParam(role="user", content=[
+                 ChatCompletionContentPartTextParam(type="text", text="I have a sore throat"),
+                 ChatCompletionContentPartTextParam(type="text", text="and a mild fever.")])]
+    as_parts = client.chat.completions.create(messages=typed, **kwargs)
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens  # no default system prompt was added
+    streamed = client.chat.completions.create(messages=typed, stream=True, **kwargs)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == as_text.choices[0].message.content
+
+
+def test_text_parts_are_joined_in_order_and_developer_is_system():
+    from medtune.serve.protocol import ChatRequest, Limits, chat_params
+
+    req = ChatRequest.model_validate({"messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]},
+        {"role": "assistant", "content": []}]})
+    params = chat_params(req, Limits(), DEFAULT_SYSTEM_PROMPT, 8, 0.7)
+    assert params.messages == [{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "first\nsecond"}, {"role": "assistant", "content": ""}]
 
 
 def test_default_max_tokens_shrinks_to_fit_the_context(server, model_and_tok):
@@ -250,3 +304,11 @@ def test_allowed_host_names():
     assert allowed_hosts("0.0.0.0", ["*"]) is None
     assert [host_name(h) for h in ("example.org:8000", "[::1]:8000", "::1", "EXAMPLE.org")] == [
         "example.org", "::1", "::1", "example.org"]
+
+
+@pytest.mark.parametrize("options", [{"n": None}, {"n": 1}, {"logprobs": False}, {"logprobs": None, "top_logprobs": 0}])
+def test_options_asking_for_what_the_server_does_are_accepted(options):
+    from medtune.serve.protocol import ChatRequest, Limits, chat_params
+
+    req = ChatRequest.model_validate({"messages": ASK, **options})
+    assert chat_params(req, Limits(), "", 8, 0.7).messages == ASK

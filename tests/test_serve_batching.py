@@ -13,7 +13,7 @@ from medtune.decoding import DecodeBatch
 from medtune.generation import Sampling
 from medtune.inference import load_for_inference
 from medtune.serve.app import ServerSettings
-from medtune.serve.reply import ReplyText
+from medtune.generation import ReplyText
 
 CHAT = "/v1/chat/completions"
 PROMPTS = [[{"role": "user", "content": f"Patient {i}: " + "dizzy and tired, " * (i % 5) + "what should I do?"}]
@@ -76,10 +76,10 @@ def test_reply_text_holds_back_a_stop_string_until_it_is_decided(model_and_tok):
         pieces.append(text)
         if stopped:
             break
-    assert stopped and "".join(pieces) == full[:full.index("Call a")].lstrip()
+    assert stopped and "".join(pieces) == full[:full.index("Call a")]  # the pieces join to decode(ids)
     assert all("Call" not in p for p in pieces)
     free = ReplyText(tok, stop=("Doctor!",))
-    assert "".join(free.add(i)[0] for i in ids) + free.flush() == full.strip()
+    assert "".join(free.add(i)[0] for i in ids) + free.flush() == full
 
 
 def ask(url, messages, stream=False, **options):
@@ -198,3 +198,17 @@ def test_serve_load_benchmark_code_path(tmp_path):
                               "--stream", "--json", str(out)])
     assert [r["side"] for r in result["rows"]] == ["batched", "one_at_a_time"]
     assert result["identical_replies"] and json.loads(out.read_text())["rows"][1]["ratio"] == 1.0
+
+
+@pytest.mark.slow
+def test_serve_stall_benchmark_code_path(tmp_path):
+    """bench/serve_stall.py at tiny sizes: every side ran, the hostile reply is the plain one, the issue's stop list
+    is refused (no timing)."""
+    from bench import serve_stall
+
+    result = serve_stall.main(["--repeats", "1", "--long-tokens", "64", "--json", str(tmp_path / "stall.json")])
+    assert [(r["arrival"], r["side"]) for r in result["rows"]] == [
+        (arrival, side) for arrival in ("same batch", "arrives later")
+        for side in ("alone", "with plain long", "with hostile long")]
+    assert result["identical_replies"] and result["issue_stop_list_status"] == 400
+    assert [r["stop strings"] for r in result["hold_back"]] == ["none", "4 x 240", "4 x 60,000"]

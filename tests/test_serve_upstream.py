@@ -137,9 +137,14 @@ def test_print_vllm_command_for_merged_model_and_adapter(tiny_model_dir, tmp_pat
     (["--host", "0.0.0.0"], "--api-key"),
     (["--print-vllm-command"], "needs --model"),
     (["--upstream", "http://x/v1", "--model", "m"], "leave out --model"),
+    (["--header-timeout", "0"], "--header-timeout must be positive"),
+    (["--max-connections", "0"], "--max-connections must be at least 1"),
+    (["--max-connections", "200"], "--max-connections 200 (accepting up to 100 more at once) needs 300 open files, "
+                                   "and this process may open 256 (ulimit -n)"),
 ])
 def test_cli_refuses_unsafe_or_contradictory_settings(argv, message, capsys, monkeypatch):
     monkeypatch.delenv("MEDTUNE_API_KEY", raising=False)
+    monkeypatch.setattr(cli.resource, "getrlimit", lambda _: (256, 256))
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert message in capsys.readouterr().err

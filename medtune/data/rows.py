@@ -1,11 +1,19 @@
 """Reading rows from a hub dataset or local files, in the format each file holds (medtune.data.formats: MedTuned
 instruction rows, conversations, prompt/completion), counting every bad row.
 
-A 200k-row run must neither crash on one broken row nor change or lose rows silently: each row is either kept or
-counted under a reason, and the first few locations of each reason are kept for the report.
-- JSON lines are split on "\\n" only: U+2028, U+2029 and U+0085 are legal inside JSON strings (str.splitlines
-  would cut rows there). A UTF-8 byte-order mark is dropped and noted.
-- Bytes that are not UTF-8 make their line (or .json file) `invalid_utf8`: never decoded with replacement
+A 200k-row run must neither crash on one broken row nor change or lose rows silently: each row is either kept as
+written or counted under a reason, and the first few locations of each reason are kept for the report.
+- Files: .jsonl, .json, .csv and .parquet; the first three also compressed (.gz, .bz2, .xz, and .zst where a zstd
+  module is installed). Another file given alone is an error naming it; in a folder such files are counted
+  (`unread_files` in the notes), named in the report and logged.
+- JSON lines are split at "\\n", "\\r\\n" and a lone "\\r" (a JSON string cannot hold a raw line break), never at
+  U+2028, U+2029 or U+0085, which are legal inside JSON strings (str.splitlines would cut rows there). A UTF-8
+  byte-order mark is dropped and noted.
+- CSV is read with the csv module: every cell is the text as written. pandas, behind datasets' csv builder, reads
+  `None`, `NA`, `N/A`, `null`, `nan`, ... as missing (HoC's "no hallmark" answer is `None`) and numbers as numbers
+  unless told otherwise, raises on a row with too many cells and decodes the file as a whole. A row whose cell
+  count differs from the header's is `csv_field_count`; CSV that cannot be parsed ends its file as `invalid_csv`.
+- Bytes that are not UTF-8 make their line, CSV row (or .json file) `invalid_utf8`: never decoded with replacement
   characters. A .json array that does not parse is counted as `invalid_json` under the file's name.
 - `input` may be missing or null (the task has no input); any other non-string (0, false, []) is `non_string_input`.
 - The `source` column (the dataset's current revision) is kept when it is a string.
@@ -16,8 +24,14 @@ made elsewhere for the same file line up with it.
 
 from __future__ import annotations
 
+import bz2
+import csv
+import gzip
+import io
 import json
 import logging
+import lzma
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +41,12 @@ from medtune.data import formats
 
 logger = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FORMATS = (".jsonl", ".json", ".csv", ".parquet")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # not for .parquet, which compresses inside
+FILE_TYPES = ".jsonl, .json, .csv, .parquet; the first three also as .gz, .bz2, .xz or .zst"
 EXAMPLES_PER_REASON = 5
 BOM = b"\xef\xbb\xbf"
+LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 _UNREADABLE = object()  # a record that could not be parsed (its reason is already counted)
 
 
@@ -45,6 +62,7 @@ class RowReport:
     moved_to_train: int = 0  # rows held out of this split but identical to a row left in it, returned to it
     shared_with_train: int = 0  # eval-split rows identical to a train row, counted only
     formats: dict[str, str] = field(default_factory=dict)  # file (or hub split) -> the row format it holds
+    unread_files: list[str] = field(default_factory=list)  # files of a folder that are no data file medtune reads
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
@@ -52,16 +70,59 @@ class RowReport:
             self.examples[reason].append(where)
 
 
-def local_files(source: str) -> list[Path]:
+def data_format(path: Path) -> str | None:
+    """".jsonl", ".json", ".csv" or ".parquet" for a file medtune reads (compressed or not), else None."""
+    suffixes = [x.lower() for x in path.suffixes[-2:]]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        return suffixes[0] if len(suffixes) == 2 and suffixes[0] in FORMATS[:3] else None
+    return suffixes[-1] if suffixes and suffixes[-1] in FORMATS else None
+
+
+def scan_local(source: str) -> tuple[list[Path], list[Path]]:
+    """(the data files of a local file or folder, the other files of the folder). A file given alone that is no
+    data file medtune reads is an error naming it."""
     path = Path(source).expanduser()
-    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
+    if not path.is_dir():
+        if data_format(path) is None:
+            raise ValueError(f"{path}: not a data file medtune reads ({FILE_TYPES})")
+        return [path], []
+    found = sorted(p for p in path.rglob("*") if p.is_file())
+    files = [p for p in found if data_format(p)]
     if not files:
-        raise FileNotFoundError(f"{source}: no .jsonl/.json/.parquet/.csv files in this folder")
-    return files
+        raise FileNotFoundError(f"{source}: no data files in this folder ({FILE_TYPES})")
+    return files, [p for p in found if not data_format(p)]
+
+
+def local_files(source: str) -> list[Path]:
+    return scan_local(source)[0]
 
 
 def is_local(source: str) -> bool:
     return Path(source).expanduser().exists()
+
+
+def _zstd_open(path: Path):
+    try:
+        from compression import zstd  # Python 3.14
+
+        return zstd.open(path, "rb")
+    except ImportError:
+        pass
+    try:
+        import zstandard
+    except ImportError:
+        raise ValueError(f"{path}: reading .zst files needs the zstandard package (pip install zstandard) or "
+                         "Python 3.14") from None
+    return zstandard.open(path, "rb")
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when its name ends in .gz, .bz2, .xz or .zst."""
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _zstd_open}.get(path.suffix.lower())
+    if opener is None:
+        return path.read_bytes()
+    with opener(path) as f:
+        return f.read()
 
 
 def _without_bom(data: bytes, path: Path, report: RowReport) -> bytes:
@@ -73,9 +134,12 @@ def _without_bom(data: bytes, path: Path, report: RowReport) -> bytes:
 
 
 def json_lines(path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
-    """(location, parsed record or _UNREADABLE) per non-blank line, split on b"\\n" only."""
-    data = _without_bom(path.read_bytes(), path, report)
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
+    """(location, parsed record or _UNREADABLE) per non-blank line of a JSON-lines file."""
+    yield from _json_lines(_without_bom(read_bytes(path), path, report), path, report)
+
+
+def _json_lines(data: bytes, path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
+    for lineno, raw in enumerate(LINE_BREAK.split(data), 1):
         where = f"{path}:{lineno}"
         if not raw.strip():
             continue
@@ -89,8 +153,7 @@ def json_lines(path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
             yield where, _UNREADABLE
 
 
-def _json_array(path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
-    data = _without_bom(path.read_bytes(), path, report)
+def _json_array(data: bytes, path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
     try:
         records = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -106,23 +169,52 @@ def _json_array(path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
         yield f"{path}[{i}]", row
 
 
-def _starts_array(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    return head.removeprefix(BOM).lstrip().startswith(b"[")
+def _csv_rows(data: bytes, path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
+    """One {header: cell} record per CSV row, every cell the text as written; located by the row's first line."""
+    # Undecodable bytes become lone surrogates, so that only the rows holding them are lost (and counted).
+    reader = csv.reader(io.StringIO(data.decode("utf-8", errors="surrogateescape"), newline=""))
+    header, line = None, 1
+    try:
+        for cells in reader:
+            where, line = f"{path}:{line}", reader.line_num + 1
+            if not cells:  # a blank line is no row
+                continue
+            if header is None:
+                header = cells
+                continue
+            try:
+                "".join(cells).encode("utf-8")
+            except UnicodeEncodeError:
+                report.skip("invalid_utf8", where)
+                yield where, _UNREADABLE
+                continue
+            if len(cells) != len(header):
+                report.skip("csv_field_count", where)
+                yield where, _UNREADABLE
+            else:
+                yield where, dict(zip(header, cells))
+    except csv.Error as err:
+        logger.warning("%s: not valid CSV from line %d on (%s); the rest of the file is skipped", path, line, err)
+        report.skip("invalid_csv", f"{path}:{line}")
+        yield f"{path}:{line}", _UNREADABLE
 
 
 def _iter_file(path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
-    if path.suffix == ".json" and _starts_array(path):
-        yield from _json_array(path, report)
-    elif path.suffix in (".jsonl", ".json"):
-        yield from json_lines(path, report)
-    else:
+    kind = data_format(path)
+    if kind == ".parquet":  # arrow types are kept: a non-string cell is counted by clean_row, never converted
         import datasets
 
-        table = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
         for i, row in enumerate(table):
             yield f"{path}:row {i}", row
+        return
+    data = _without_bom(read_bytes(path), path, report)
+    if kind == ".csv":
+        yield from _csv_rows(data, path, report)
+    elif kind == ".json" and re.match(rb"\s*\[", data):
+        yield from _json_array(data, path, report)
+    else:
+        yield from _json_lines(data, path, report)
 
 
 def _iter_hub(name: str, config: str | None, split: str) -> Iterator[tuple[str, object]]:
@@ -168,7 +260,13 @@ def read_rows(source: str, split: str, config: str | None = None,
     """Clean rows of `source` (local file/folder: all rows; hub id: the named split) and the report."""
     report = RowReport()
     if is_local(source):
-        records = (record for path in local_files(source)
+        files, unread = scan_local(source)
+        if unread:
+            report.unread_files = [str(p) for p in unread]
+            report.notes["unread_files"] = len(unread)
+            logger.warning("%s: %d file(s) not read, not being %s: %s", source, len(unread), FILE_TYPES,
+                           ", ".join(report.unread_files))
+        records = (record for path in files
                    for record in _with_formats(_iter_file(path, report), str(path), report))
     else:
         records = _with_formats(_iter_hub(source, config, split), f"{source}[{split}]", report)

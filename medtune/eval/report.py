@@ -15,6 +15,8 @@ from typing import Mapping, Sequence
 from medtune.data.sources import source_of
 
 COLUMNS = ("scope", "name", "n", "metric", "base", "value", "delta")
+# Counts shown in the table although named n_*: NER reply lines that are wrong for their position, or extra.
+LINE_COUNTS = ("n_misaligned_lines", "n_extra_lines")
 # Metrics computed on a subset of the rows: the table's n is that subset's size.
 # (Dialogue's rougeL_f has no n_rougeL: all its rows count.)
 SUBSET_N = {"medmcqa_accuracy": ("n_medmcqa",), "pubmedqa_accuracy": ("n_pubmedqa",),
@@ -35,7 +37,7 @@ def table_rows(results: Mapping, base: Mapping | None = None) -> list[dict]:
         base_group = ({"all": base[key]} if scope == "all" else base[key]) if base else {}
         for name, metrics in group.items():
             for metric, value in metrics.items():
-                if metric in ("n", "primary") or metric.startswith("n_"):
+                if metric in ("n", "primary") or (metric.startswith("n_") and metric not in LINE_COUNTS):
                     continue
                 before = base_group.get(name, {}).get(metric)
                 rows.append({"scope": scope, "name": name, "n": _n(metrics, metric), "metric": metric,
@@ -53,7 +55,9 @@ def markdown(rows: Sequence[dict], header: Mapping[str, object]) -> str:
     lines += [f"- {key}: {value}" for key, value in header.items()]
     lines += ["", "Rates are in [0, 1], higher is better; `*` marks each group's headline metric (docs/EVAL.md). "
               "loss and perplexity (reply tokens only, teacher-forced): lower is better; answer_words: mean reply "
-              "length in words. n: rows the metric is computed on.",
+              "length in words; n_misaligned_lines / n_extra_lines: NER reply lines naming another token than the "
+              "gold's at their position, or beyond the gold's last line (both scored as wrong). n: rows the metric "
+              "is computed on.",
               "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         cells = {**r, "metric": r["metric"] + (" *" if r["primary"] else "")}

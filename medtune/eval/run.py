@@ -42,6 +42,9 @@ def read_predictions(path: str, expected: int) -> tuple[list[str], int]:
     if len(replies) != expected:
         raise SystemExit(f"--predictions {path} has {len(replies)} records but --data has {expected} rows (skipped "
                          "rows included); write one {\"prediction\": ...} line per row of --data, in its order")
+    if bad and len(bad) == len(replies):
+        raise SystemExit(f"--predictions {path}: none of its {len(bad)} records has a string 'prediction' (first: "
+                         f"{bad[0]}): nothing to score")
     if bad:
         print(f"{path}: {len(bad)} record(s) without a string 'prediction' (first: {bad[0]}), scored as empty replies")
     return replies, len(bad)

@@ -42,6 +42,7 @@ class ServerSettings:
     default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS
     default_temperature: float = DEFAULT_TEMPERATURE
     request_timeout: float = 300.0  # seconds from arrival to the last token, queueing included
+    body_timeout: float = 30.0  # seconds from the headers to the end of the request body
     limits: Limits = field(default_factory=Limits)
     api_key: str | None = None
     allowed_hosts: set[str] | None = field(default_factory=lambda: set(LOOPBACK_NAMES))  # None: any
@@ -122,7 +123,7 @@ def create_app(backend, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(await read_body(request, limits.max_body_bytes))
+        req = parse_request(await read_body(request, limits.max_body_bytes, settings.body_timeout))
         params = chat_params(req, limits, settings.system_prompt, settings.default_max_tokens,
                              settings.default_temperature)
         triage = triage_messages(params.messages).as_dict()

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 from pathlib import Path
 
 from medtune.command_line import add_runtime_arguments
 from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
 from medtune.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
+from medtune.serve.connections import ConnectionLimits, backlog, default_max_connections
 from medtune.serve.protocol import Limits
 from medtune.serve.security import allowed_hosts, is_loopback
 
@@ -42,6 +44,20 @@ def parser() -> argparse.ArgumentParser:
                       help="requests waiting, beyond which 503 (with --upstream: in flight) (default: %(default)s)")
     load.add_argument("--request-timeout", type=float, default=300.0,
                       help="seconds from arrival to the last token (default: %(default)s)")
+    conns = p.add_argument_group("connections")
+    conns.add_argument("--header-timeout", type=float, default=ConnectionLimits.header_timeout,
+                       help="seconds a client has, from connecting or from its last response, to send a request's "
+                            "line and headers, else 408 or closed (default: %(default)s)")
+    conns.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds from the headers to the end of the request body, else 408 (default: %(default)s)")
+    conns.add_argument("--keep-alive-timeout", type=float, default=ConnectionLimits.keep_alive_timeout,
+                       help="seconds an idle connection stays open after a response (default: %(default)s)")
+    conns.add_argument("--max-connections", type=int,
+                       help="open connections at most; past it the one that waited longest for its client is "
+                            "closed, or 503 when all are busy (default: half of `ulimit -n`, at most 1024: "
+                            f"{default_max_connections()} here)")
+    conns.add_argument("--max-header-bytes", type=int, default=ConnectionLimits.max_header_bytes,
+                       help="request line and headers at most, else 431 (default: %(default)s)")
     access = p.add_argument_group("access")
     access.add_argument("--api-key", default=os.environ.get("MEDTUNE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $MEDTUNE_API_KEY)")
@@ -91,24 +107,43 @@ def main(argv: list[str] | None = None) -> None:
     if not is_loopback(args.host) and not args.api_key and not args.insecure_no_auth:
         p.error(f"--host {args.host} would let anyone who can reach it use the model: set --api-key (or "
                 "MEDTUNE_API_KEY), or pass --insecure-no-auth if an authenticating proxy is in front")
+    limits = connection_limits(p, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     import uvicorn
 
     from medtune.serve.app import ServerSettings, create_app
+    from medtune.serve.connections import server_config
 
     system_prompt = args.system_prompt_file.read_text().strip() if args.system_prompt_file else args.system_prompt
     settings = ServerSettings(
         system_prompt=DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt,
         default_max_tokens=min(args.max_tokens, args.max_tokens_limit), default_temperature=args.temperature,
-        request_timeout=args.request_timeout, limits=Limits(max_tokens=args.max_tokens_limit),
+        request_timeout=args.request_timeout, body_timeout=args.body_timeout,
+        limits=Limits(max_tokens=args.max_tokens_limit),
         api_key=args.api_key, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
         cors_origins=tuple(args.cors_origins),
     )
     app = create_app(build_backend(args), settings)
     log.info("web chat on http://%s:%d/  API on http://%s:%d/v1%s", args.host, args.port, args.host, args.port,
              "" if args.api_key else " (no API key)")
-    uvicorn.run(app, host=args.host, port=args.port)
+    uvicorn.Server(server_config(app, limits, host=args.host, port=args.port)).run()
+
+
+def connection_limits(p: argparse.ArgumentParser, args) -> ConnectionLimits:
+    for flag in ("header_timeout", "body_timeout", "keep_alive_timeout", "max_header_bytes"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.max_connections is not None:
+        if args.max_connections < 1:
+            p.error("--max-connections must be at least 1")
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        needed = args.max_connections + backlog(args.max_connections)
+        if soft != resource.RLIM_INFINITY and needed > soft:
+            p.error(f"--max-connections {args.max_connections} (accepting up to {backlog(args.max_connections)} "
+                    f"more at once) needs {needed} open files, and this process may open {soft} (ulimit -n)")
+    return ConnectionLimits(header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
+                            max_connections=args.max_connections, max_header_bytes=args.max_header_bytes)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+log = logging.getLogger("medtune.serve")
 
 
 class APIError(Exception):
@@ -34,6 +39,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)  # unknown routes (404), wrong methods (405)
     async def http_error(_: Request, exc: HTTPException):
         return APIError(exc.status_code, str(exc.detail), code=str(exc.status_code), headers=exc.headers).response()
+
+    # Starlette raises ClientDisconnect when the client leaves while its body is being read; left to the
+    # catch-all below, every such client cost a 500 and uvicorn's traceback in the log. It is one line.
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _: ClientDisconnect):
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.info("%s disconnected while sending %s %s: nothing to answer", client, request.method, request.url.path)
+        return Response(status_code=499)  # nobody reads it
 
     # Anything else: Starlette still re-raises it after this answer, so uvicorn logs the traceback; the client
     # gets no internals.

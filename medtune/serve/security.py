@@ -5,6 +5,8 @@
 - API key: /v1 requires `Authorization: Bearer KEY` when a key is set (the page and /health stay open).
 - Content type: a web page may POST `text/plain` (or form data) anywhere without a CORS preflight; the API answers
   415 to every body that is not declared JSON.
+- A key in the URL (`?api_key=...`) is refused, never checked: URLs end up in logs, proxies and browser history
+  (the access log leaves query strings out, medtune.serve.connections).
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import ipaddress
 import socket
 from hmac import compare_digest
+from urllib.parse import parse_qsl
 
 from medtune.serve.errors import APIError
 
 WILDCARD_BINDS = {"0.0.0.0", "::", ""}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+# Query parameter names that carry credentials (compared lowercased, "-" read as "_").
+KEY_PARAMS = {"api_key", "apikey", "key", "token", "access_token", "auth", "authorization"}
 
 
 def is_loopback(host: str) -> bool:
@@ -51,13 +56,20 @@ def host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
+def key_in_query(query_string: bytes) -> str | None:
+    """The name of the first query parameter that looks like a credential, or None."""
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    return next((name for name, _ in pairs if name.lower().replace("-", "_") in KEY_PARAMS), None)
+
+
 def _is_json(content_type: str) -> bool:
     media_type = content_type.split(";")[0].strip().lower()
     return media_type == "application/json" or media_type.endswith("+json")
 
 
 class Guard:
-    """ASGI middleware: the Host check on every request; for /v1 also the API key, then the JSON content type."""
+    """ASGI middleware: the Host check and no key in the URL on every request; for /v1 also the API key, then the
+    JSON content type."""
 
     def __init__(self, app, api_key: str | None = None, hosts: set[str] | None = None):
         self.app, self.api_key, self.hosts = app, api_key, hosts
@@ -74,6 +86,10 @@ class Guard:
         if self.hosts is not None and host not in self.hosts:
             return APIError(400, f"this server does not answer for the host name {host!r} (see --allowed-hosts)",
                             code="invalid_host")
+        if (name := key_in_query(scope.get("query_string", b""))) is not None:
+            return APIError(400, f"the URL carries a credential ({name!r}): send the key in the header "
+                                 "'Authorization: Bearer <key>', never in the URL, which logs keep", name,
+                            "key_in_query")
         if not scope["path"].startswith("/v1/"):
             return None
         if self.api_key and not compare_digest(headers.get("authorization", "").encode(),

@@ -5,8 +5,10 @@ typed B-PROBLEM, I-TREATMENT, ... for i2b2-2012). The predicted reply is read li
 by position: the prediction's line i counts for gold token i only when it names that token (compared after HTML
 unescaping, so `'` matches the i2b2 token `&apos;`). A line that names another token, or is missing, is wrong:
 its entity tag becomes an entity of a type no gold entity has (a false positive), and the gold entity there is
-missed. Lines beyond the gold's are left out, and counted. Nothing is skipped, so a reply that tags every token
-O scores F1 0 against a gold with entities.
+missed. Lines beyond the gold's are wrong predictions too: they are scored against O, their entity tags as
+entities of that type (false positives), so a model that loops, repeating the gold 10 times, scores F1 2/11, not
+1.0. Both kinds of line are counted. Nothing is skipped, so a reply that tags every token O scores F1 0 against
+a gold with entities.
 
 Strict mode (seqeval's `mode="strict", scheme=IOB2`) counts an entity only when its B... I... tags are well
 formed and its span and type match exactly, as CoNLL's conlleval and the field's NER papers do. The dataset
@@ -39,8 +41,13 @@ def _same(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and html.unescape(a) == html.unescape(b)
 
 
+def _wrong(tag: str) -> str:
+    return "O" if tag == "O" else f"{tag[0]}-{WRONG_TYPE}"
+
+
 def align(gold: str, pred: str) -> tuple[list[str], list[str], int, int]:
-    """(gold tags, predicted tags by gold position, misaligned or missing lines, extra predicted lines)."""
+    """(gold tags, then O for each extra line; predicted tags by position; misaligned or missing lines; extra
+    predicted lines)."""
     gold_lines, pred_lines = parse(gold), parse(pred)
     gold_tags, pred_tags, misaligned = [], [], 0
     for i, (token, tag) in enumerate(gold_lines):
@@ -50,8 +57,9 @@ def align(gold: str, pred: str) -> tuple[list[str], list[str], int, int]:
             pred_tags.append(p_tag)
         else:
             misaligned += 1
-            pred_tags.append("O" if p_tag == "O" else f"{p_tag[0]}-{WRONG_TYPE}")
-    return gold_tags, pred_tags, misaligned, max(0, len(pred_lines) - len(gold_lines))
+            pred_tags.append(_wrong(p_tag))
+    extra = pred_lines[len(gold_lines):]
+    return gold_tags + ["O"] * len(extra), pred_tags + [_wrong(tag) for _, tag in extra], misaligned, len(extra)
 
 
 def score_ner(golds: Sequence[str], preds: Sequence[str]) -> Scores:
