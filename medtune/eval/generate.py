@@ -7,7 +7,8 @@ from typing import Mapping, Sequence
 import torch
 
 from medtune import inference
-from medtune.chat_format import encode_examples, user_message
+from medtune.chat_format import encode_examples
+from medtune.eval.prompt import row_messages
 from medtune.eval.score import score
 
 Row = Mapping[str, str]
@@ -20,12 +21,12 @@ def _batches(indices: Sequence[int], batch_size: int):
 
 def generate_replies(model, tokenizer, rows: Sequence[Row], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy replies, batched by similar prompt length (less padding), returned in row order."""
-    prompts = [user_message(r["instruction"], r.get("input") or "") for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    conversations = [row_messages(r) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(conversations[i][0]["content"]))
     replies: list[str] = [""] * len(rows)
     for idx in _batches(order, batch_size):
-        conversations = [[{"role": "user", "content": prompts[i]}] for i in idx]
-        for i, reply in zip(idx, inference.generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens)):
+        batch = [conversations[i] for i in idx]
+        for i, reply in zip(idx, inference.generate(model, tokenizer, batch, max_new_tokens=max_new_tokens)):
             replies[i] = reply
     return replies
 
