@@ -262,3 +262,16 @@ def test_a_server_that_dies_mid_run_then_resume(tiny_model_dir, local, tmp_path)
     assert report(tmp_path)["requests"]["prediction"]["resumed"] == len(kept)
     assert [(r["index"], r["prediction"]) for r in records(tmp_path)] == [
         (r["index"], r["prediction"]) for r in records(local)]
+
+
+@pytest.mark.slow
+def test_eval_endpoint_benchmark_code_path(tmp_path):
+    """bench/eval_endpoint.py at tiny sizes: every side, the comparison with local replies (no timing)."""
+    from bench import eval_endpoint
+
+    out = tmp_path / "eval_endpoint.json"
+    result = eval_endpoint.main(["--rows", "3", "--max-new-tokens", "2", "--concurrency", "1", "2", "--repeats", "1",
+                                 "--json", str(out)])
+    assert [r["side"] for r in result["rows"]] == ["local", "endpoint_c1", "endpoint_c2"]
+    assert all(r["same_as_local"] and r["failed"] == 0 for r in result["rows"])
+    assert json.loads(out.read_text())["rows"][0]["ratio"] == 1.0
