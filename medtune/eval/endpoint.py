@@ -200,7 +200,7 @@ def generate(sides: Mapping[str, Endpoint], rows: Sequence[Mapping], all_rows: S
     check_settings(out, {"max_new_tokens": max_new_tokens, "served_models": {s: e.model for s, e in sides.items()}},
                    resume)
     path = out / PREDICTIONS
-    done = read_done(path, {r["index"]: r for r in all_rows}, list(sides)) if resume and path.exists() else {}
+    done = read_done(path, {r["index"]: r for r in all_rows}) if resume and path.exists() else {}
     outcome = Outcome({side: {} for side in sides}, {})
     journal = Journal(path, done)
     try:
@@ -215,10 +215,11 @@ def generate(sides: Mapping[str, Endpoint], rows: Sequence[Mapping], all_rows: S
                 if todo:
                     asyncio.run(_generate_side(endpoint, side, todo, concurrency, max_new_tokens, max_attempts,
                                                journal, replies, outcome.failed, answers))
-            except EndpointDown as e:
+            except (EndpointDown, KeyboardInterrupt) as e:
                 have = sum(row["index"] in replies for row in rows)
-                raise SystemExit(f"{endpoint.url} stopped answering: {e}. {have} of {len(rows)} {side} replies are "
-                                 f"in {path}; when the server is back, run the same command with --resume") from None
+                why = f"{endpoint.url} stopped answering: {e}" if isinstance(e, EndpointDown) else "interrupted"
+                raise SystemExit(f"{why}. {have} of {len(rows)} {side} replies are in {path}; run the same command "
+                                 "with --resume to go on") from None
             outcome.requests[side] = {"resumed": len(rows) - len(todo), "sent": sum(answers.values()),
                                       "errors": {k: v for k, v in sorted(answers.items()) if k != "ok"}}
     finally:

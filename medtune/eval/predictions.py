@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from medtune.data.rows import RowReport, json_lines, row_key
 
 PREDICTIONS = "eval_predictions.jsonl"
 SETTINGS = "eval_generation.json"
+SIDES = ("prediction", "base_prediction")  # the tuned model's reply, the baseline's
 
 
 def row_hash(row: Mapping) -> str:
@@ -51,10 +52,11 @@ def check_settings(out: Path, settings: dict, resume: bool) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def read_done(path: Path, rows_by_index: Mapping[int, Mapping], sides: Sequence[str]) -> dict[int, dict]:
-    """{index: {"index", "row_hash", side: reply, ...}} of the replies already in `path`. A record naming a row
-    that --data does not have, or with another row's content, stops the run; lines that do not parse (the last
-    one, cut short by an interruption) are left out and counted."""
+def read_done(path: Path, rows_by_index: Mapping[int, Mapping]) -> dict[int, dict]:
+    """{index: {"index", "row_hash", side: reply, ...}} of the replies already in `path`, of every side (those of a
+    side this run does not ask for are kept for a later one). A record naming a row that --data does not have, or
+    with another row's content, stops the run; lines that do not parse (the last one, cut short by an
+    interruption) are left out and counted."""
     done: dict[int, dict] = {}
     unreadable = RowReport()
     for where, record in json_lines(path, unreadable):
@@ -66,9 +68,9 @@ def read_done(path: Path, rows_by_index: Mapping[int, Mapping], sides: Sequence[
             found = f"row {index} of --data ({row['where']}) has other content" if row else \
                 f"--data has no row {index}"
             raise SystemExit(f"--resume: {where} is a reply to row {index}, but {found}: these predictions were "
-                             "made for other data; choose another --out, or drop --resume to start over elsewhere")
+                             "made for other data; choose another --out")
         entry = done.setdefault(index, {"index": index, "row_hash": record["row_hash"]})
-        entry.update({side: record[side] for side in sides if isinstance(record.get(side), str)})
+        entry.update({side: record[side] for side in SIDES if isinstance(record.get(side), str)})
     if unreadable.skipped:
         print(f"--resume: {path}: {sum(unreadable.skipped.values())} unreadable line(s) left out "
               f"({', '.join(w for ws in unreadable.examples.values() for w in ws)})")
