@@ -25,6 +25,7 @@ from medtune.serve.upstream import UpstreamBackend
 
 SAMPLE_EVAL = Path(__file__).resolve().parents[1] / "data" / "sample" / "medtuned_sample_eval.jsonl"
 ROWS = ["--data", str(SAMPLE_EVAL), "--max-samples", "12", "--max-new-tokens", "16"]
+FEW = ["--data", str(SAMPLE_EVAL), "--max-samples", "8", "--max-new-tokens", "6"]
 KEY = "sk-eval-key"
 
 
@@ -47,8 +48,8 @@ def report(out: Path) -> dict:
     return json.loads((out / "eval.json").read_text())
 
 
-def endpoint_eval(url: str, out: Path, *extra: str) -> None:
-    run.main(["--endpoint", url, "--api-key", KEY, *ROWS, "--out", str(out), *extra])
+def endpoint_eval(url: str, out: Path, *extra: str, rows: list[str] = ROWS) -> None:
+    run.main(["--endpoint", url, "--api-key", KEY, *rows, "--out", str(out), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +110,10 @@ def test_at_most_n_in_flight_through_the_upstream_front_and_a_failed_row_retried
         with LocalServer(front_app) as front:
             capped = tmp_path / "capped"
             endpoint_eval(front.url + "/v1", capped, "--concurrency", "3", "--max-attempts", "1",
-                          "--baseline-endpoint", upstream.url + "/v1")
+                          "--baseline-endpoint", upstream.url + "/v1", rows=FEW)
             result = report(capped)
-            assert result["rows"]["failed"] == 0 and result["overall"]["n"] == 12
-            assert result["requests"]["prediction"] == {"resumed": 0, "sent": 12, "errors": {}}
+            assert result["rows"]["failed"] == 0 and result["overall"]["n"] == 8
+            assert result["requests"]["prediction"] == {"resumed": 0, "sent": 8, "errors": {}}
             assert result["baseline_endpoint"] == upstream.url + "/v1"
             assert result["served_model"] == result["baseline_served_model"] == "tiny-starling"
             # the same model behind both: the same replies and scores on both sides
@@ -121,17 +122,17 @@ def test_at_most_n_in_flight_through_the_upstream_front_and_a_failed_row_retried
 
             over = tmp_path / "over"
             with pytest.raises(SystemExit, match=r"row\(s\) got no reply and are not scored"):
-                endpoint_eval(front.url + "/v1", over, "--concurrency", "6", "--max-attempts", "1")
+                endpoint_eval(front.url + "/v1", over, "--concurrency", "6", "--max-attempts", "1", rows=FEW)
             result = report(over)
             failed = result["rows"]["failed"]
-            assert failed > 0 and result["overall"]["n"] == 12 - failed == len(records(over))
+            assert failed > 0 and result["overall"]["n"] == 8 - failed == len(records(over))
             assert "HTTP 503" in result["rows"]["failed_examples"][0]
             assert result["requests"]["prediction"]["errors"] == {"503": failed}
 
-            endpoint_eval(front.url + "/v1", over, "--concurrency", "3", "--max-attempts", "1", "--resume")
+            endpoint_eval(front.url + "/v1", over, "--concurrency", "3", "--max-attempts", "1", "--resume", rows=FEW)
     result = report(over)
     assert result["rows"]["failed"] == 0
-    assert result["requests"]["prediction"] == {"resumed": 12 - failed, "sent": failed, "errors": {}}
+    assert result["requests"]["prediction"] == {"resumed": 8 - failed, "sent": failed, "errors": {}}
     assert [r["prediction"] for r in records(over)] == [r["prediction"] for r in records(capped)]
 
 
