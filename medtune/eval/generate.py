@@ -7,8 +7,9 @@ from typing import Mapping, Sequence
 import torch
 
 from medtune.chat_format import ChatFormat, RowError
-from medtune.eval.score import score
 from medtune.decoding import complete
+from medtune.eval.prompt import row_messages
+from medtune.eval.score import score
 
 Row = Mapping[str, str]
 
@@ -18,17 +19,13 @@ def _batches(indices: Sequence[int], batch_size: int):
         yield indices[start:start + batch_size]
 
 
-def prompt_messages(row: Row) -> list[dict]:
-    """The conversation a row's reply is generated from: its user turn alone, no system prompt (as trained)."""
-    return row["messages"][:-1]
-
-
 def generate_replies(model, fmt: ChatFormat, rows: Sequence[Row], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy replies, batched by similar prompt length (less padding), returned in row order."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["messages"][0]["content"]))
+    conversations = [row_messages(r) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(conversations[i][0]["content"]))
     replies: list[str] = [""] * len(rows)
     for idx in _batches(order, batch_size):
-        completions = complete(model, fmt, [prompt_messages(rows[i]) for i in idx], max_new_tokens=max_new_tokens)
+        completions = complete(model, fmt, [conversations[i] for i in idx], max_new_tokens=max_new_tokens)
         for i, completion in zip(idx, completions):
             replies[i] = completion.text
     return replies

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from medtune.data.sources import source_of
+from medtune.eval.predictions import PREDICTIONS, row_hash
 
 COLUMNS = ("scope", "name", "n", "metric", "base", "value", "delta")
 # Counts shown in the table although named n_*: NER reply lines that are wrong for their position, or extra.
@@ -76,14 +77,18 @@ def write_report(out_dir: str | Path, header: dict, rows: Sequence[Mapping], rep
         report["baseline"] = {k: base[k] for k in ("families", "sources", "overall")}
     (out / "eval.json").write_text(json.dumps({**report, "table": table}, indent=2))
     (out / "eval.md").write_text(markdown(table, header))
-    with open(out / "eval_predictions.jsonl", "w") as f:
+    predictions = out / PREDICTIONS
+    tmp = predictions.with_name(predictions.name + ".tmp")  # replaced at once: an endpoint run's replies are in it
+    with open(tmp, "w", encoding="utf-8") as f:
         for i, row in enumerate(rows):
             source, family = source_of(row)
-            record = {"source": source, "family": family, "prediction": replies[i],
-                      **{k: row.get(k, "") for k in ("instruction", "input", "output")}}
+            # index and row_hash: what `--endpoint --resume` matches its rows by (medtune.eval.predictions)
+            record = {"index": row.get("index"), "row_hash": row_hash(row), "source": source, "family": family,
+                      "prediction": replies[i], **{k: row.get(k, "") for k in ("instruction", "input", "output")}}
             if base_replies is not None:
                 record["base_prediction"] = base_replies[i]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, predictions)
     return table
 
 

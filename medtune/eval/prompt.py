@@ -1,0 +1,13 @@
+"""The conversation a held-out row is answered in, the same for local generation (medtune.eval.generate) and for an
+endpoint (medtune.eval.endpoint): the row's user turn alone, no system prompt. Kept apart from generate.py, which
+imports torch, so that `medtune-eval --endpoint` starts without it."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from medtune.chat_format import user_message
+
+
+def row_messages(row: Mapping[str, str]) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user_message(row["instruction"], row.get("input") or "")}]
