@@ -1,10 +1,13 @@
 """Dynamic batching: one background thread generates for every request of the server.
 
-Requests wait in a queue (at most `max_queue`); when the thread starts a batch, every waiting request joins it, up to
-`max_batch_size`. Each step gives every row its next token, which goes straight into that request's own asyncio
-queue (one hand-over to the event loop per step, for all rows): the thread never waits for a client, so a slow or
-stalled reader holds only its own (bounded) backlog. A request that is cancelled (its client went away) or past its
-deadline leaves the batch at the next step.
+Requests wait in a queue (at most `max_queue`). Between two steps the thread starts a batch of every waiting request
+while fewer than `max_batch_size` rows run, and steps every running batch once in turn: a request that arrives while
+a long reply is being generated starts at the next step and shares the steps with it, instead of waiting for the
+long reply to end. (transformers' KV cache cannot take rows in the middle of a batch, so newcomers get a batch of
+their own; vLLM's continuous batching merges them into one.) Each step gives every row its next token, which goes
+straight into that request's own asyncio queue (one hand-over to the event loop per step, for all rows): the thread
+never waits for a client, so a slow or stalled reader holds only its own (bounded) backlog. A request that is
+cancelled (its client went away) or past its deadline leaves its batch at the next step.
 """
 
 from __future__ import annotations
@@ -57,6 +60,16 @@ def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
         queue.put_nowait(event)
 
 
+@dataclass
+class _Running:
+    """A batch in progress: its jobs and replies, in the order of its prompts, and its decoding state."""
+
+    jobs: list[Job]
+    replies: list[Reply]
+    batch: DecodeBatch
+    started: float
+
+
 class Batcher:
     def __init__(self, model, fmt: ChatFormat, max_batch_size: int = 8, max_queue: int = 64):
         if max_batch_size < 1 or max_queue < 0:
@@ -106,41 +119,57 @@ class Batcher:
         job.cancelled = True
 
     def _loop(self) -> None:
+        batches: list[_Running] = []
         while True:
             with self._cond:
-                while not self._waiting and not self._closing:
+                while not self._waiting and not batches and not self._closing:
                     self._cond.wait()
                 if self._closing:
                     break
-                jobs = [self._waiting.popleft() for _ in range(min(self.max_batch_size, len(self._waiting)))]
-            self._active = jobs
-            started = time.monotonic()
-            try:
-                self._run(jobs)
-            except Exception as e:  # a failed batch fails its requests, never the server
-                log.exception("generation failed")
-                self._end([j for j in jobs if not j.done], "failed", ("error", f"generation failed: {e}"))
-            self._flush()
-            self._last_batch_s = time.monotonic() - started
+                free = self.max_batch_size - sum(len(b.batch.rows) for b in batches)
+                jobs = [self._waiting.popleft() for _ in range(min(max(free, 0), len(self._waiting)))]
+            if jobs and (started := self._guarded(jobs, self._start, jobs)):
+                batches.append(started)
+            for running in batches:
+                self._guarded(running.jobs, self._step, running)
+            self._flush()  # the clients get this round's tokens while the next one is computed
+            for ended in [b for b in batches if not b.batch.rows or all(j.done for j in b.jobs)]:
+                self._last_batch_s = time.monotonic() - ended.started  # how long a wait for room may last
+            batches = [b for b in batches if b.batch.rows and not all(j.done for j in b.jobs)]
+            self._active = [j for b in batches for j in b.jobs]
         self._end([j for j in [*self._active, *self._waiting] if not j.done], "failed",
                   ("error", "the server is shutting down"))
         self._flush()
 
-    def _run(self, jobs: list[Job]) -> None:
+    def _guarded(self, jobs: list[Job], work, *args):
+        """work(*args), or after a failure the end of `jobs` with an error: a failed batch fails its requests, never
+        the server."""
+        try:
+            return work(*args)
+        except Exception as e:  # noqa: BLE001 - reported to the requests and logged
+            log.exception("generation failed")
+            self._end([j for j in jobs if not j.done], "failed", ("error", f"generation failed: {e}"))
+            return None
+
+    def _start(self, jobs: list[Job]) -> _Running | None:
+        """A batch of `jobs` (its prompts prefilled), or None when every one was cancelled while waiting."""
         self._end([j for j in jobs if j.cancelled and not j.done], "cancelled")
         jobs = [j for j in jobs if not j.done]
         if not jobs:
-            return
+            return None
+        self._active += jobs
         self.stats["batches"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
-        replies = [Reply(self.fmt, j.max_tokens, j.stop) for j in jobs]
         batch = DecodeBatch(self.model, self.fmt, [j.prompt for j in jobs], [j.sampling for j in jobs])
-        while batch.rows and not self._closing:
-            tokens = batch.sample()
-            self.stats["tokens"] += len(tokens)
-            keep = [self._feed(jobs[r], replies[r], t) for r, t in zip(batch.rows, tokens)]
-            self._flush()  # the clients get this step's tokens while the next one is computed
-            batch.advance(tokens, keep)
+        running = _Running(jobs, [Reply(self.fmt, j.max_tokens, j.stop) for j in jobs], batch, time.monotonic())
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+        return running
+
+    def _step(self, running: _Running) -> None:
+        batch, jobs, replies = running.batch, running.jobs, running.replies
+        tokens = batch.sample()
+        self.stats["tokens"] += len(tokens)
+        keep = [self._feed(jobs[r], replies[r], t) for r, t in zip(batch.rows, tokens)]
+        batch.advance(tokens, keep)
 
     def _feed(self, job: Job, reply: Reply, token: int) -> bool:
         """Give `job` its next token; False once its reply has ended (or nobody wants it any more)."""
