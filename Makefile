@@ -1,8 +1,9 @@
-# medtune: `make demo` (set up + train the tiny demo + answer a question), `make test` (set up + full test suite),
-# `make lint` (ruff, configured in pyproject.toml).
+# medtune: `make demo` (set up, fine-tune SmolLM2-135M-Instruct on the bundled sample, compare it with its base,
+# answer a question), `make test` (set up + full test suite), `make lint` (ruff, configured in pyproject.toml).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TINY := .cache/tiny-starling
+DEMO := outputs/demo
+QUESTION := I have had a fever, a dry cough and a sore throat for three days. What could it be?
 
 .PHONY: setup demo lint test test-fast serve
 
@@ -10,10 +11,12 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m medtune.tiny --out $(TINY)
-	$(PY) launch/train.py --config configs/recipes/tiny.yaml
+	$(PY) launch/train.py --config configs/recipes/demo.yaml
+	$(VENV)/bin/medtune-eval --model $(DEMO) --baseline --data data/sample/medtuned_sample_eval.jsonl --out $(DEMO) \
+		--max-new-tokens 64 --batch-size 32
+	$(VENV)/bin/medtune-chat --model $(DEMO) --temperature 0 --max-tokens 96 --ask "$(QUESTION)"
 	@echo
-	@echo "Web chat with the demo adapter:  $(VENV)/bin/medtune-serve --model outputs/tiny   then open http://127.0.0.1:8000/"
+	@echo "Web chat with the fine-tuned model:  $(VENV)/bin/medtune-serve --model $(DEMO)   then open http://127.0.0.1:8000/"
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -26,4 +29,4 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 serve: setup
-	$(VENV)/bin/medtune-serve --model outputs/tiny
+	$(VENV)/bin/medtune-serve --model $(DEMO)

@@ -1,6 +1,7 @@
 """`medtune-chat`: multi-turn terminal chat with a medtune model, replies streamed as they are generated.
 
     medtune-chat --model exported/starling-medtuned     # or an adapter folder, or nothing for the demo model
+    medtune-chat --model outputs/demo --ask "I have a fever and a sore throat." --temperature 0   # one answer
 
 Commands: /reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops the current reply.
 """
@@ -32,6 +33,27 @@ class ChatOptions:
     top_p: float = 1.0
 
 
+def answer(model, fmt, options: ChatOptions, history: list[dict], out: TextIO) -> str:
+    """Stream the reply to the conversation `history` (ending with the person's message) to `out`, the emergency
+    notice first when the message calls for one; Ctrl-C stops the reply. Returns the reply."""
+    triage = triage_text(history[-1]["content"])
+    if triage.level != "none":  # before the model's text, as the web page's banner
+        print(f"[{triage.level.upper()}] {triage.notice}", file=out)
+    print("assistant> ", end="", file=out, flush=True)
+    pieces = Stream(model, fmt, with_system_prompt(history, options.system_prompt), options.max_new_tokens,
+                    Sampling(options.temperature, options.top_p))
+    reply = ""
+    try:
+        for piece in pieces:
+            reply += piece
+            print(piece, end="", file=out, flush=True)
+    except KeyboardInterrupt:
+        pieces.close()
+        print(" [stopped]", end="", file=out)
+    print(file=out)
+    return reply
+
+
 def chat_loop(model, fmt, options: ChatOptions, read: Callable[[str], str] = input, out: TextIO | None = None):
     """Read-reply loop; `read` raises EOFError at the end of input; replies go to `out` (default stdout)."""
     out = out or sys.stdout
@@ -54,22 +76,7 @@ def chat_loop(model, fmt, options: ChatOptions, read: Callable[[str], str] = inp
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        triage = triage_text(text)
-        if triage.level != "none":  # before the model's text, as the web page's banner
-            print(f"[{triage.level.upper()}] {triage.notice}", file=out)
-        print("assistant> ", end="", file=out, flush=True)
-        pieces = Stream(model, fmt, with_system_prompt(history, options.system_prompt), options.max_new_tokens,
-                        Sampling(options.temperature, options.top_p))
-        reply = ""
-        try:
-            for piece in pieces:
-                reply += piece
-                print(piece, end="", file=out, flush=True)
-        except KeyboardInterrupt:
-            pieces.close()
-            print(" [stopped]", end="", file=out)
-        print(file=out)
-        history.append({"role": "assistant", "content": reply})
+        history.append({"role": "assistant", "content": answer(model, fmt, options, history, out)})
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,13 +87,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="longest reply in tokens")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 for greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--ask", metavar="MESSAGE", help="answer this one message and exit (no prompt, no history)")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype)
-    chat_loop(model, fmt, ChatOptions(args.system_prompt, args.max_tokens, args.temperature, args.top_p))
+    options = ChatOptions(args.system_prompt, args.max_tokens, args.temperature, args.top_p)
+    if args.ask is not None:
+        print(f"you> {args.ask}")
+        answer(model, fmt, options, [{"role": "user", "content": args.ask}], sys.stdout)
+        return
+    chat_loop(model, fmt, options)
 
 
 if __name__ == "__main__":

@@ -162,3 +162,13 @@ def test_terminal_chat_cli_reads_stdin(tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("I feel dizzy.\n"))  # then end of input: the chat ends
     chat.main(["--model", str(tiny_model_dir), "--max-tokens", "3", "--device", "cpu"])
     assert capsys.readouterr().out.count("assistant> ") == 1
+
+
+def test_terminal_chat_answers_one_message_with_ask(tiny_model_dir, capsys):
+    import medtune.chat as chat
+
+    chat.main(["--model", str(tiny_model_dir), "--max-tokens", "3", "--device", "cpu", "--temperature", "0",
+               "--ask", "Crushing chest pain and sweating."])
+    out = capsys.readouterr().out
+    assert out.startswith("you> Crushing chest pain and sweating.\n[EMERGENCY] ")
+    assert out.count("assistant> ") == 1 and "Commands:" not in out

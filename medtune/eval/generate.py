@@ -47,9 +47,13 @@ def reply_losses(model, fmt: ChatFormat, rows: Sequence[Row], batch_size: int) -
         ids = batch["input_ids"]
         reply = torch.tensor([encoded[i].mask + [0] * (ids.shape[1] - len(encoded[i].mask)) for i in idx],
                              dtype=torch.bool, device=ids.device)
-        logits = model(**batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        nll = (nll * reply[:, 1:]).sum(1)
+        # Logits only from the position before the batch's first reply token on: the output layer and the softmax
+        # over the vocabulary are a fifth of the forward pass (SmolLM2), and most positions are prompt.
+        start = max(0, min(encoded[i].mask.index(1) for i in idx) - 1)
+        keep = torch.arange(start, ids.shape[1] - 1, device=ids.device)
+        logits = model(**batch, logits_to_keep=keep).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, start + 1:], reduction="none")
+        nll = (nll * reply[:, start + 1:]).sum(1)
         for b, i in enumerate(idx):
             out[i] = (nll[b].item(), int(reply[b].sum()))
     return out

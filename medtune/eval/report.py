@@ -66,6 +66,20 @@ def markdown(rows: Sequence[dict], header: Mapping[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline_table(results: Mapping, base: Mapping | None = None) -> str:
+    """Each family's headline metric and the reply loss, the model next to its baseline: the console summary."""
+    rows = [(f, m["primary"], m["n"], (base or {}).get("families", {}).get(f, {}).get(m["primary"]), m[m["primary"]])
+            for f, m in results["families"].items()]
+    if "loss" in results["overall"]:
+        rows.append(("all", "reply loss (lower is better)", results["overall"]["n"],
+                     (base or {}).get("overall", {}).get("loss"), results["overall"]["loss"]))
+    head = ("family", "headline metric", "n") + (("base", "tuned", "delta") if base else ("value",))
+    lines = [head] + [(f, metric, str(n), *((_cell(b), _cell(v), _cell(None if b is None else v - b)) if base
+                                           else (_cell(v),))) for f, metric, n, b, v in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
 def write_report(out_dir: str | Path, header: dict, rows: Sequence[Mapping], replies: Sequence[str], results: dict,
                  base: dict | None = None, base_replies: Sequence[str] | None = None) -> list[dict]:
     """eval.json, eval.md and eval_predictions.jsonl in out_dir; returns the table rows."""

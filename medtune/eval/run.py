@@ -27,7 +27,7 @@ from typing import Sequence
 from medtune import adapters
 from medtune.command_line import add_runtime_arguments
 from medtune.data.rows import RowReport, is_local, json_lines
-from medtune.eval.report import log_wandb, write_report
+from medtune.eval.report import headline_table, log_wandb, write_report
 from medtune.eval.score import score
 from medtune.data.select import load_rows, select_rows
 
@@ -198,7 +198,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = write_report(args.out, header, rows, replies, results, base, base_replies)
     if args.wandb:
         log_wandb(table, header, args.wandb_project)
-    print((Path(args.out) / "eval.md").read_text())
+    print(f"{len(rows)} rows of {args.data}:")
+    print(headline_table(results, base))
+    out = Path(args.out)
+    print(f"every metric, per family and source: {out / 'eval.md'}; the report: {out / 'eval.json'}")
     if failed:
         raise SystemExit(f"{len(failed)} row(s) got no reply and are not scored (first: {failed[0]}); eval.json "
                          "counts them under rows.failed; run the same command with --resume to retry them")
