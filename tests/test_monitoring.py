@@ -109,6 +109,13 @@ def test_batch_counts_packed_padded_and_padding_free():
     # Padding-free (flattened) batch: three samples of 4, 1 and 2 tokens.
     pos = torch.tensor([[0, 1, 2, 3, 0, 0, 1]])
     assert batch_counts(torch.full((1, 7), 4), position_ids=pos, pad_token_id=PAD).tolist() == [7, 3, 16 + 1 + 4]
+    # The pad id is also the end-of-turn token that ends each sample (Starling, Llama-3): those ends are real.
+    ids = torch.tensor([[5, 6, PAD, 8, PAD, PAD, PAD]])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0]])
+    assert batch_counts(ids, position_ids=pos, pad_token_id=PAD).tolist() == [5, 2, 3**2 + 2**2]
+    ids = torch.tensor([[5, 6, PAD, PAD], [5, PAD, PAD, PAD]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert batch_counts(ids, attention_mask=mask, pad_token_id=PAD).tolist() == [5, 2, 3**2 + 2**2]
 
 
 def drive(callback, model, batches, args, state, steps_per_log=2):

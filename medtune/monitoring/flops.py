@@ -92,15 +92,18 @@ class FlopModel:
 def batch_counts(input_ids: torch.Tensor, attention_mask=None, position_ids=None, pad_token_id=None) -> torch.Tensor:
     """[real tokens, samples, sum of squared sample lengths] of one model input, without a host sync.
 
-    Real tokens are the positions covered by a sample: not padding (attention_mask 0 or the pad id). Samples start
-    where position_ids restart at 0 (packed rows, padding-free batches), else one per row. sum_i s_i^2 is computed
-    as sum over real tokens of (2*position + 1), since 1 + 3 + ... + (2s-1) = s^2.
+    Real tokens are the positions covered by a sample: not padding. Padding is attention_mask 0; without a mask,
+    a pad id at position 0 (packed and padding-free batches pad with position 0). The pad id alone cannot say it:
+    many tokenizers pad with their eos / end-of-turn token, which ends every real sample too.
+    Samples start where position_ids restart at 0 (packed rows, padding-free batches), else one per row.
+    sum_i s_i^2 is computed as sum over real tokens of (2*position + 1), since 1 + 3 + ... + (2s-1) = s^2.
     """
     real = torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask is not None:
         real &= attention_mask.bool()
-    if pad_token_id is not None:
-        real &= input_ids != pad_token_id
+    elif pad_token_id is not None:
+        padding = input_ids == pad_token_id
+        real &= ~(padding & (position_ids == 0)) if position_ids is not None else ~padding
     if position_ids is None:
         position_ids = real.long().cumsum(-1) - 1
     starts = (position_ids == 0) & real
