@@ -74,7 +74,7 @@ def _training_args(out: Path, steps: int, batch: int) -> dict:
                 disable_tqdm=True)
 
 
-def tutorial_model(model_dir: str):
+def tutorial_model(model_dir: str, gradient_checkpointing: bool = True):
     """The tutorial's model: 4-bit NF4 + double quant, prepare_model_for_kbit_training, defaults otherwise."""
     import torch
     from peft import prepare_model_for_kbit_training
@@ -87,7 +87,7 @@ def tutorial_model(model_dir: str):
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=dtype,
                                                  device_map=device_map)
     model.config.use_cache = False
-    return prepare_model_for_kbit_training(model)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
 def tutorial_trainer(rows: list[dict], model_dir: str, tokenizer, out: Path, steps: int, batch: int,

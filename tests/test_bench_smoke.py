@@ -111,3 +111,26 @@ def test_gpu_benchmark_reports_a_failing_side_and_keeps_the_others(tmp_everythin
     assert "no_such_attention" in table["medtune"]["note"] and "real_tokens_per_s" not in table["medtune"]
     assert table["trl_packed"]["real_tokens_per_s"] > 0 and "ratio_tokens" not in table["trl_packed"]  # no baseline
     assert json.loads((tmp_everything / "gpu.json").read_text())["table"] == out["table"]
+
+
+def test_time_to_reach_interpolates_between_evaluations():
+    from bench.quality import time_to_reach
+
+    curve = [(10.0, 5, 2.0), (20.0, 10, 1.0)]
+    assert time_to_reach(curve, 2.5, start_loss=3.0) == pytest.approx(5.0)  # half way from (0, 3) to (10, 2)
+    assert time_to_reach(curve, 1.5, start_loss=3.0) == pytest.approx(15.0)
+    assert time_to_reach(curve, 0.5, start_loss=3.0) is None
+
+
+@pytest.mark.slow
+def test_quality_benchmark_code_path(tmp_everything, tiny_model_dir):
+    from bench import quality
+
+    result = quality.main(["--model", str(tiny_model_dir), "--recipe", str(quality.ROOT / "configs/recipes/tiny.yaml"),
+                           "--budget", "4", "--eval-every", "2", "--held-out", "4", "--max-new-tokens", "2",
+                           "--work-dir", str(tmp_everything / "q"), "--json", str(tmp_everything / "q.json")])
+    assert [s["side"] for s in result["sides"]] == list(quality.SIDES)
+    for side in result["sides"]:
+        assert side["steps"] > 0 and side["curve"] and side["curve"][-1][0] >= 4
+        assert side["final_loss"] == side["curve"][-1][2] and side["headlines"]
+    assert json.loads((tmp_everything / "q.json").read_text())["base_loss"] == pytest.approx(result["base_loss"])
