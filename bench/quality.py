@@ -10,10 +10,13 @@ rate (constant, `--learning-rate`) and one row of 512 tokens per step:
   tokenizer's chat template), padded to 512, loss on the whole text;
 - `trl_packed`: the same with `packing=True` (TRL's best-fit-decreasing packing);
 - `medtune`: medtune's pipeline (the chat format's ids and reply mask, packed, loss on the replies only).
-Rows: the bundled sample (203 rows in MedTuned's real formats, with real language; bench/synthetic.py's rows are
-word lists of the right lengths, on which a pretrained model's loss mostly measures learning a word list): at the
-default budget no side reaches its end (medtune, the side with the most rows per second, reads about two thirds of
-them). Held out: the sample's 58 eval rows. Every `--eval-every` seconds of training (the clock stops while it
+Rows: the bundled sample's 203 training rows, in MedTuned's real formats and with real language (bench/
+synthetic.py's rows have the right shapes and lengths but are word lists, on which a pretrained model's loss mostly
+measures learning a word list; the full dataset is not available offline). The tutorial side reads 35 of them at
+the default budget and TRL's packing 45 packed rows; medtune packs them into 55 rows of 512 tokens and reaches the
+end of its epoch after about 200 s, so by its last evaluation it has seen 12 of its 55 rows twice (the
+ratio is read where its curve first reaches the tutorial's final loss, well inside the first epoch).
+Held out: the sample's 58 eval rows. Every `--eval-every` seconds of training (the clock stops while it
 evaluates) each side's model gets medtune-eval's held-out reply loss (teacher-forced on the gold replies, in the
 chat format); at the end, greedy replies to the held-out rows give each family's headline metric. The sides run
 one after the other, each from a freshly loaded model (one round: at the defaults a round takes about 25 minutes

@@ -1,5 +1,6 @@
 """The web chat page in headless Chromium against a real `medtune-serve` process with an API key."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -52,13 +53,12 @@ window.fetch = async (url, options) => {
 """
 
 
-@pytest.fixture(scope="module")
-def server_url(tiny_model_dir):
+@contextlib.contextmanager
+def medtune_serve(model, *options: str):
+    """A `medtune-serve --model MODEL` process (the API key KEY) on a free port; yields its URL once healthy."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "medtune.serve.cli", "--model", str(tiny_model_dir),
-                             "--port", str(port), "--device", "cpu", "--max-tokens", "60", "--temperature", "0",
-                             "--max-tokens-limit", "1500"],
-                            env={**os.environ, "MEDTUNE_API_KEY": KEY})
+    proc = subprocess.Popen([sys.executable, "-m", "medtune.serve.cli", "--model", str(model), "--port", str(port),
+                             "--device", "cpu", *options], env={**os.environ, "MEDTUNE_API_KEY": KEY})
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -76,17 +76,31 @@ def server_url(tiny_model_dir):
         proc.wait(30)
 
 
-@pytest.fixture()
-def browser(tmp_path):
+@contextlib.contextmanager
+def chrome(profile_dir):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'chrome-profile'}"]:
+    for flag in CHROME_FLAGS + [f"--user-data-dir={profile_dir}"]:
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    yield driver
-    driver.quit()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_model_dir):
+    with medtune_serve(tiny_model_dir, "--max-tokens", "60", "--temperature", "0", "--max-tokens-limit", "1500") as url:
+        yield url
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    with chrome(tmp_path / "chrome-profile") as driver:
+        yield driver
 
 
 def wait(driver, condition, seconds=180):

