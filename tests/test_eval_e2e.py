@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from medtune import inference
+from medtune import adapters, inference
 from medtune.eval import generate, run
 from medtune.data.select import load_rows
 from medtune.data.sources import FAMILIES, SOURCE_FAMILY
@@ -156,6 +156,7 @@ def test_cli_adapter_vs_base(adapter_dir, eval_file, tmp_path, monkeypatch):
 
     report = json.loads((out / "eval.json").read_text())
     assert report["baseline"]["overall"]["n"] == report["rows"]["read"] == 7
+    assert report["model"] == str(adapter_dir) and report["baseline"]["model"] == adapters.adapter_base(adapter_dir)
     for results in (report, report["baseline"]):
         assert set(results["families"]) == set(FAMILIES)
         assert results["families"]["other"]["n"] == 1

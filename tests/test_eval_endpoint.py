@@ -119,6 +119,7 @@ def test_at_most_n_in_flight_through_the_upstream_front_and_a_failed_row_retried
             # the same model behind both: the same replies and scores on both sides
             assert all(r["prediction"] == r["base_prediction"] for r in records(capped))
             assert result["baseline"]["families"] == result["families"]
+            assert result["baseline"]["model"] == "tiny-starling"
 
             over = tmp_path / "over"
             with pytest.raises(SystemExit, match=r"row\(s\) got no reply and are not scored"):

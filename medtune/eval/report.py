@@ -88,7 +88,9 @@ def write_report(out_dir: str | Path, header: dict, rows: Sequence[Mapping], rep
     table = table_rows(results, base)
     report = {**header, **results}
     if base is not None:
-        report["baseline"] = {k: base[k] for k in ("families", "sources", "overall")}
+        # the base's name (a model path, or the served model behind an endpoint) stays beside its results
+        name = header.get("baseline") or header.get("baseline_served_model") or header.get("served_model")
+        report["baseline"] = {"model": name, **{k: base[k] for k in ("families", "sources", "overall")}}
     (out / "eval.json").write_text(json.dumps({**report, "table": table}, indent=2))
     (out / "eval.md").write_text(markdown(table, header))
     predictions = out / PREDICTIONS
