@@ -29,27 +29,20 @@ FORMS = ("adapter_4bit", "adapter", "merged", "exported")
 
 def load_form(form: str, adapter: Path, recipe, export_dir: Path, dtype: str):
     """(model, chat format) of one form of the adapter, on CPU in eval mode."""
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from medtune.adapters import adapter_base
     from medtune.chat_format import ChatFormat
     from medtune.export import DTYPES, export
-    from medtune.gguf import local_model
     from medtune.inference import load_for_inference, load_tokenizer, load_weights
-    from medtune.model import quantization_config
+    from medtune.model import load_model
 
     if form == "adapter":
         return load_for_inference(adapter, device="cpu")
     if form == "exported":
         export(adapter, export_dir, dtype=dtype)
         return load_for_inference(export_dir, device="cpu", dtype=dtype)
-    if form == "adapter_4bit":
-        quant = quantization_config(recipe.model, torch.float32, sharded=False)
-        base = AutoModelForCausalLM.from_pretrained(local_model(adapter_base(adapter)), quantization_config=quant,
-                                                    dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, str(adapter))
+    if form == "adapter_4bit":  # the base as training loads it (the recipe's 4-bit settings)
+        model = PeftModel.from_pretrained(load_model(recipe), str(adapter))
     else:
         model = load_weights(adapter, DTYPES[dtype]).merge_and_unload()
     return model.eval(), ChatFormat(load_tokenizer(adapter), eos_token_id=model.generation_config.eos_token_id)
@@ -71,12 +64,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from medtune.adapters import adapter_base
     from medtune.config import parse_recipe
     from medtune.data.select import load_rows, select_rows
     from medtune.eval.generate import evaluate_model
 
     adapter = Path(args.adapter)
-    recipe = parse_recipe(["--config", args.recipe])
+    recipe = parse_recipe(["--config", args.recipe, "--model_name_or_path", adapter_base(adapter)])
     rows = select_rows(load_rows(args.data)[0], args.held_out)
     replies, results = {}, {}
     for form in args.forms:

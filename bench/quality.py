@@ -75,20 +75,11 @@ def trainer_for(side: str, recipe, fmt, rows: list[dict]):
 
 
 def run_side(side: str, recipe, fmt, rows, held_out, budget: float, every: float, max_new_tokens: int) -> dict:
-    import torch
     from transformers import TrainerCallback
 
-    from medtune.eval.generate import evaluate_model, reply_losses
+    from medtune.eval.generate import evaluate_model, mean_reply_loss
 
     trainer = trainer_for(side, recipe, fmt, rows)
-
-    def held_out_loss() -> float:
-        model = trainer.model
-        model.eval()
-        with torch.no_grad():
-            losses = reply_losses(model, fmt, held_out, batch_size=8)
-        model.train()
-        return sum(nll for nll, _ in losses) / sum(n for _, n in losses)
 
     class Clock(TrainerCallback):
         """Training time only: the clock stops while the held-out loss is computed."""
@@ -103,7 +94,7 @@ def run_side(side: str, recipe, fmt, rows, held_out, budget: float, every: float
             self.trained += time.perf_counter() - self.started
             self.steps = state.global_step
             if self.trained >= self.next_eval or self.trained >= budget:
-                self.curve.append((self.trained, self.steps, held_out_loss()))
+                self.curve.append((self.trained, self.steps, mean_reply_loss(trainer.model, fmt, held_out)))
                 self.next_eval += every
             control.should_training_stop = self.trained >= budget
 
@@ -142,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     import tempfile
 
     from medtune.data.select import load_rows, select_rows
-    from medtune.eval.generate import reply_losses
+    from medtune.eval.generate import mean_reply_loss
     from medtune.inference import load_for_inference
     from medtune.model import load_chat_format
 
@@ -153,8 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = load_rows(str(TRAIN))[0]
     held_out = select_rows(load_rows(str(HELD_OUT))[0], args.held_out)
     base_model, base_fmt = load_for_inference(args.model, device="cpu")
-    base = reply_losses(base_model, base_fmt, held_out, batch_size=8)
-    start_loss = sum(nll for nll, _ in base) / sum(n for _, n in base)
+    start_loss = mean_reply_loss(base_model, base_fmt, held_out)
     del base_model
     info = machine()
     results = []

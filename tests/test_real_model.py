@@ -37,12 +37,10 @@ def held_out(sample_eval_file):
 
 
 def mean_loss(path, rows) -> float:
-    from medtune.eval.generate import reply_losses
+    from medtune.eval.generate import mean_reply_loss
     from medtune.inference import load_for_inference
 
-    model, fmt = load_for_inference(path, device="cpu")
-    losses = reply_losses(model, fmt, rows, batch_size=6)
-    return sum(nll for nll, _ in losses) / sum(n for _, n in losses)
+    return mean_reply_loss(*load_for_inference(path, device="cpu"), rows, batch_size=6)
 
 
 def test_a_few_steps_lower_the_held_out_reply_loss(trained, held_out):

@@ -9,7 +9,7 @@ import torch
 from medtune.chat_format import ChatFormat, RowError
 from medtune.decoding import complete
 from medtune.eval.prompt import row_messages
-from medtune.eval.score import score
+from medtune.eval.score import mean_loss, score
 
 Row = Mapping[str, str]
 
@@ -57,6 +57,16 @@ def reply_losses(model, fmt: ChatFormat, rows: Sequence[Row], batch_size: int) -
         for b, i in enumerate(idx):
             out[i] = (nll[b].item(), int(reply[b].sum()))
     return out
+
+
+def mean_reply_loss(model, fmt: ChatFormat, rows: Sequence[Row], batch_size: int = 8) -> float:
+    """The rows' held-out reply loss (eval.json's overall `loss`), in eval mode; restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return mean_loss(reply_losses(model, fmt, rows, batch_size))
+    finally:
+        model.train(was_training)
 
 
 def evaluate_model(model, fmt: ChatFormat, rows: Sequence[Row], max_new_tokens: int = 256,

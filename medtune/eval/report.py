@@ -89,7 +89,7 @@ def write_report(out_dir: str | Path, header: dict, rows: Sequence[Mapping], rep
     report = {**header, **results}
     if base is not None:
         # the base's name (a model path, or the served model behind an endpoint) stays beside its results
-        name = header.get("baseline") or header.get("baseline_served_model") or header.get("served_model")
+        name = header.get("baseline") or header.get("baseline_served_model")
         report["baseline"] = {"model": name, **{k: base[k] for k in ("families", "sources", "overall")}}
     (out / "eval.json").write_text(json.dumps({**report, "table": table}, indent=2))
     (out / "eval.md").write_text(markdown(table, header))

@@ -13,7 +13,9 @@ Row = Mapping[str, str]
 Losses = Sequence[tuple[float, int]]  # per row: summed reply NLL, reply tokens
 
 
-def _loss(losses: Losses, idx: Sequence[int]) -> float:
+def mean_loss(losses: Losses, idx: Sequence[int] | None = None) -> float:
+    """Reply loss per token over the rows `idx` (all rows by default): summed NLL over summed token counts."""
+    idx = range(len(losses)) if idx is None else idx
     return sum(losses[i][0] for i in idx) / max(1, sum(losses[i][1] for i in idx))
 
 
@@ -36,12 +38,12 @@ def score(rows: Sequence[Row], replies: Sequence[str], losses: Losses | None = N
         key = (family, tuple(idx))
         if key not in scored:
             result = scorers.score(family, [rows[i]["output"] for i in idx], [replies[i] for i in idx])
-            scored[key] = {**result, "loss": _loss(losses, idx)} if losses is not None else result
+            scored[key] = {**result, "loss": mean_loss(losses, idx)} if losses is not None else result
         return dict(scored[key])
 
     overall: dict = {"n": len(rows)}
     if losses is not None:
-        overall["loss"] = _loss(losses, range(len(rows)))
+        overall["loss"] = mean_loss(losses)
         overall["perplexity"] = math.exp(overall["loss"])
     return {
         "families": {f: entry(f, families[f]) for f in FAMILIES if f in families},
