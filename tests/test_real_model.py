@@ -67,6 +67,7 @@ def test_the_tuned_model_ends_its_replies_at_im_end(trained, sample_eval_file):
 def test_the_exported_model_answers_as_the_merged_model_in_memory(trained, held_out, tmp_path):
     from medtune.chat_format import ChatFormat
     from medtune.eval.generate import generate_replies
+    from medtune.eval.prompt import row_messages
     from medtune.export import export
     from medtune.inference import load_for_inference, load_tokenizer, load_weights
 
@@ -79,6 +80,12 @@ def test_the_exported_model_answers_as_the_merged_model_in_memory(trained, held_
     assert exported_fmt.stop_ids == fmt.stop_ids
     assert generate_replies(exported, exported_fmt, rows, max_new_tokens=32, batch_size=4) == in_memory
     assert all(reply.strip() for reply in in_memory)
+    for row in rows:  # the same token ids, prompt and reply, under transformers' own generate
+        prompt = fmt.prompt_ids(row_messages(row))
+        assert exported_fmt.prompt_ids(row_messages(row)) == prompt
+        ids = [m.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=list(fmt.stop_ids),
+                          pad_token_id=fmt.tokenizer.pad_token_id)[0].tolist() for m in (merged, exported)]
+        assert ids[0] == ids[1]
 
 
 ENGLISH = {"the", "a", "an", "and", "of", "to", "is", "are", "you", "your", "it", "can", "be", "or", "in", "with",
