@@ -7,12 +7,17 @@ metrics and held-out reply loss.
 
 The forms:
 - `adapter_4bit`: the adapter on the NF4 base it was trained on (the recipe's BitsAndBytesConfig);
-- `adapter`: the adapter on the un-quantised base (what medtune-eval, medtune-chat and medtune-serve load);
-- `merged`: that model merged in memory in the export dtype (what medtune-export writes);
+- `adapter`: the adapter on the base's weights as training saw them, quantised as then and de-quantised (what
+  medtune-eval, medtune-chat and medtune-serve load; medtune.inference.load_base);
+- `adapter_original`: the adapter on the base's original weights (`--adapter-base original`; what loading the
+  adapter on its base with peft, or vLLM's `--enable-lora`, gives);
+- `merged`: `adapter` merged in memory in the export dtype (what medtune-export writes);
 - `exported`: the folder medtune-export wrote, reloaded by transformers' AutoModelForCausalLM.
-LoRA is trained against the de-quantised NF4 weights, and merging adds it to the un-quantised ones (there is no
-lossless merge into 4-bit weights: peft#2321), so `adapter_4bit` against the rest measures what quantisation costs
-the merged model; `merged` against `exported` must be exact (same weights, saved and reloaded).
+LoRA is trained against the de-quantised NF4 weights; added to the original weights instead it corrects an error
+that is not there (peft#2321 is the same mismatch for a merge into 4-bit weights). `adapter` against
+`adapter_4bit` measures the round trip (the same weights: only float summation order may differ), `adapter_original`
+against them what skipping it costs, and `merged` against `exported` must be exact (same weights, saved and
+reloaded).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 from bench._common import ROOT, machine, print_table, write_json
 
 HELD_OUT = ROOT / "data/sample/medtuned_sample_eval.jsonl"
-FORMS = ("adapter_4bit", "adapter", "merged", "exported")
+FORMS = ("adapter_4bit", "adapter", "adapter_original", "merged", "exported")
 
 
 def load_form(form: str, adapter: Path, recipe, export_dir: Path, dtype: str):
@@ -36,8 +41,8 @@ def load_form(form: str, adapter: Path, recipe, export_dir: Path, dtype: str):
     from medtune.inference import load_for_inference, load_tokenizer, load_weights
     from medtune.model import load_model
 
-    if form == "adapter":
-        return load_for_inference(adapter, device="cpu")
+    if form in ("adapter", "adapter_original"):
+        return load_for_inference(adapter, device="cpu", as_trained=form == "adapter")
     if form == "exported":
         export(adapter, export_dir, dtype=dtype)
         return load_for_inference(export_dir, device="cpu", dtype=dtype)

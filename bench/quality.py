@@ -43,6 +43,7 @@ def _recipe(model: str, out: Path, cache: Path, args, train_file: Path):
     return parse_recipe([
         "--config", str(args.recipe), "--model_name_or_path", model, "--output_dir", str(out),
         "--data_cache_dir", str(cache), "--dataset_name", str(train_file), "--max_steps", "100000",
+        "--max_seq_length", str(args.max_seq_length),
         "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", "constant", "--warmup_steps", "0",
         "--logging_steps", "100000", "--save_strategy", "no", "--disable_tqdm", "true", "--sample_prompt", "",
     ], replace={"eval_dataset_name": None, "eval_split": "none"})
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget", type=float, default=240, help="training seconds per side (default: %(default)s)")
     p.add_argument("--eval-every", type=float, default=60, help="training seconds between held-out losses")
     p.add_argument("--learning-rate", type=float, default=4e-3)
+    p.add_argument("--max-seq-length", type=int, default=512,
+                   help="tokens per row, padded (tutorial) or packed (default: %(default)s, the reference recipe's)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="for the final headline metrics")
     p.add_argument("--held-out", type=int, help="use only this many held-out rows (spread over sources)")
     p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))

@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype)
+    model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype, args.adapter_base)
     options = ChatOptions(args.system_prompt, args.max_tokens, args.temperature, args.top_p)
     if args.ask is not None:
         print(f"you> {args.ask}")

@@ -2,10 +2,13 @@
 
     medtune-export --model adjusted_model --out exported/starling-medtuned    # or: medtune-export adjusted_model ...
 
-The base is loaded un-quantised (training may have used a 4-bit base; merging needs real weights), the
-adapter is merged with peft's `merge_and_unload`, and the folder gets safetensors shards, the tokenizer with the
-chat template it was trained with, a generation_config whose eos_token_id lists every stop id of that format, and a
-model card built from the run's manifest (run_info.json) and evaluation report (eval.json) when they are there.
+The base is loaded in a float dtype (merging needs real weights): for an adapter trained on a 4-bit (or 8-bit) base,
+the base's weights as training saw them, quantised as then and de-quantised (medtune.inference.load_base), so the
+merged model answers as the adapter did in training; `--adapter-base original` merges into the original weights
+instead. The adapter is merged with peft's `merge_and_unload`, and the folder gets safetensors shards, the tokenizer
+with the chat template it was trained with, a generation_config whose eos_token_id lists every stop id of that
+format, and a model card built from the run's manifest (run_info.json) and evaluation report (eval.json) when they
+are there.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import GenerationConfig
 
-from medtune.adapters import adapter_base, is_adapter
+from medtune.adapters import adapter_base, is_adapter, run_manifest, trained_quantization
 from medtune.chat_format import ChatFormat
+from medtune.command_line import add_adapter_base_argument
 from medtune.inference import load_tokenizer, load_weights
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -31,7 +35,7 @@ DISCLAIMER = (
     "call your local emergency number or seek care immediately."
 )
 METRIC_FILES = ("all_results.json", "eval_results.json", "train_results.json")
-RUN_INFO, EVAL_REPORT = "run_info.json", "eval.json"
+EVAL_REPORT = "eval.json"
 RECIPE_KEYS = ("model_name_or_path", "load_in_4bit", "bnb_4bit_quant_type", "lora_r", "lora_alpha", "lora_dropout",
                "lora_target_modules", "max_length", "packing", "completion_only_loss", "learning_rate",
                "lr_scheduler_type", "num_train_epochs", "max_steps", "per_device_train_batch_size",
@@ -66,7 +70,7 @@ def _read_json(path: Path) -> dict:
 
 def find_training_record(adapter_dir: Path) -> TrainingRecord:
     folders = [adapter_dir, adapter_dir.parent]
-    run_info = next((r for d in folders if (r := _read_json(d / RUN_INFO))), {})
+    run_info = run_manifest(adapter_dir)
     metrics: dict = {}
     for d in reversed(folders):  # files next to the adapter win
         for name in METRIC_FILES:
@@ -99,7 +103,9 @@ CARD_TEMPLATE = """---
 
 # Medical assistant fine-tuned from {{ base }} (merged LoRA)
 
-Fine-tuned from `{{ base }}` with a LoRA adapter (medtune), merged into the base weights ({{ dtype }}).
+Fine-tuned from `{{ base }}` with a LoRA adapter (medtune), merged into the base weights ({{ dtype }}){% if \
+quantized %}: the weights LoRA was trained against, the base quantised as in training ({{ quantized }}) and \
+de-quantised{% endif %}.
 
 - **Base model:** `{{ base }}`
 - **Training data:** `{{ data }}`{% if rows %} ({{ rows }}){% endif %}
@@ -145,7 +151,8 @@ def _fmt(value):
     return f"{value:.4g}" if isinstance(value, float) else "–" if value is None else value
 
 
-def model_card(base: str, record: TrainingRecord, dtype: str, fmt: ChatFormat) -> ModelCard:
+def model_card(base: str, record: TrainingRecord, dtype: str, fmt: ChatFormat,
+               quantized: dict | None = None) -> ModelCard:
     data = record.data
     stats = record.run_info.get("data", {})
     rows = (f"{stats['rows_kept']} of {stats['rows_read']} training rows kept, {sum(stats['skipped'].values())} "
@@ -161,19 +168,28 @@ def model_card(base: str, record: TrainingRecord, dtype: str, fmt: ChatFormat) -
     return ModelCard.from_template(
         card_data, template_str=CARD_TEMPLATE, base=base, dtype=dtype, data=data, rows=rows, disclaimer=DISCLAIMER,
         stop_tokens=", ".join(f"`{t}`" for t in fmt.stop_tokens), stop_ids=list(fmt.stop_ids),
-        recipe_path=record.recipe_path, recipe=record.recipe_settings(), evaluation=evaluation, eval_scope=scope,
+        quantized=quantization_name(quantized) if quantized else None, recipe_path=record.recipe_path,
+        recipe=record.recipe_settings(), evaluation=evaluation, eval_scope=scope,
         metrics={k: _fmt(v) for k, v in record.metrics.items()},
     )
 
 
+def quantization_name(settings: dict) -> str:
+    if settings.get("load_in_8bit"):
+        return "bitsandbytes 8-bit"
+    nested = " with double quantization" if settings.get("use_bnb_nested_quant") else ""
+    return f"bitsandbytes 4-bit {settings.get('bnb_4bit_quant_type', 'nf4').upper()}{nested}"
+
+
 def export(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None,
-           dtype: str = "bfloat16", max_shard_size: str = "5GB") -> Path:
+           dtype: str = "bfloat16", max_shard_size: str = "5GB", as_trained: bool = True) -> Path:
     """Merge `adapter_dir` into its base and write the standalone model to `out_dir`."""
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     if not is_adapter(adapter_dir):
         raise ValueError(f"{adapter_dir} has no adapter_config.json: not a LoRA adapter folder")
     base = base_model or adapter_base(adapter_dir)
-    model = load_weights(adapter_dir, DTYPES[dtype], base_model)  # un-quantised, on CPU
+    quantized = trained_quantization(adapter_dir) if as_trained else None
+    model = load_weights(adapter_dir, DTYPES[dtype], base_model, as_trained)  # float weights, on CPU
     fmt = ChatFormat(load_tokenizer(adapter_dir, fallback=base), eos_token_id=model.generation_config.eos_token_id)
     merged = model.merge_and_unload()
     stop = list(fmt.stop_ids)
@@ -183,7 +199,7 @@ def export(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None 
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, max_shard_size=max_shard_size)
     fmt.tokenizer.save_pretrained(out)
-    model_card(base, find_training_record(adapter_dir), dtype, fmt).save(out / "README.md")
+    model_card(base, find_training_record(adapter_dir), dtype, fmt, quantized).save(out / "README.md")
     return out
 
 
@@ -197,6 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="dtype the merged weights are written in (default: %(default)s)")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: %(default)s)")
+    add_adapter_base_argument(parser)
     args = parser.parse_args(argv)
     if args.model and args.adapter and args.model != args.adapter:
         parser.error(f"two adapters given ({args.adapter} and --model {args.model}): give one")
@@ -208,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    out = export(args.model, args.out, args.base, args.dtype, args.max_shard_size)
+    out = export(args.model, args.out, args.base, args.dtype, args.max_shard_size, args.adapter_base == "as-trained")
     print(f"merged model written to {out}")
 
 

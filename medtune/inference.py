@@ -5,13 +5,14 @@ generating is medtune.generation's.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
 import torch
 
 from medtune import model as medtune_model
-from medtune.adapters import adapter_base, is_adapter
+from medtune.adapters import adapter_base, is_adapter, trained_quantization
 from medtune.chat_format import ChatFormat
 from medtune.gguf import local_model
 
@@ -29,19 +30,45 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def load_weights(path: str | Path, dtype: torch.dtype, base_model: str | None = None):
-    """The model of a model folder, or a LoRA adapter (un-merged) on its un-quantised base, the one recorded in
-    adapter_config.json unless `base_model` overrides it (e.g. when the base was moved).
+def load_base(path: str | Path, dtype: torch.dtype, quantized: dict | None = None, device: str = "cpu"):
+    """A base model. With `quantized` (the model settings of a run that trained on a 4-bit or 8-bit base,
+    medtune.adapters.trained_quantization), the weights LoRA was trained against: the base quantised as in training
+    (bitsandbytes, on `device`), then de-quantised to `dtype` by transformers' `dequantize` (meant for merging QLoRA
+    adapters). Added to the original weights instead, the adapter corrects a quantisation error that is not there:
+    on SmolLM2-135M two thirds of the greedy replies changed (docs/EVAL.md "Merge fidelity"); peft#2105, unsloth's
+    16-bit merge."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    if quantized is None:
+        return AutoModelForCausalLM.from_pretrained(local_model(path), dtype=dtype)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(f"{path}: the adapter was trained on a quantised base, and re-creating the weights it was "
+                           "trained against needs bitsandbytes: pip install bitsandbytes, or pass --adapter-base "
+                           "original to run it on the base's own weights")
+    settings = SimpleNamespace(**{**quantized, "bnb_4bit_quant_storage": None})  # storage dtype: same values
+    config = medtune_model.quantization_config(settings, dtype, sharded=False)
+    model = AutoModelForCausalLM.from_pretrained(local_model(path), dtype=dtype, quantization_config=config,
+                                                 device_map={"": device})
+    return model.dequantize(dtype=dtype)
+
+
+def load_weights(path: str | Path, dtype: torch.dtype, base_model: str | None = None, as_trained: bool = True,
+                 device: str = "cpu"):
+    """The model of a model folder, or a LoRA adapter (un-merged) on its base, the one recorded in
+    adapter_config.json unless `base_model` overrides it (e.g. when the base was moved). An adapter trained on a
+    quantised base runs on the base's weights as training saw them (`load_base`) unless `as_trained` is False.
 
     Not peft's AutoPeftModelForCausalLM: it resizes the base's embeddings whenever the adapter folder's tokenizer is
     longer than them, and Starling's is (`<sep>` has id 32002, one past its 32002 rows), so the adapter would run
     on a model with a random extra row that neither training, vLLM nor the merged export has."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     if not is_adapter(path):
-        return AutoModelForCausalLM.from_pretrained(local_model(path), dtype=dtype)
-    base = AutoModelForCausalLM.from_pretrained(local_model(base_model or adapter_base(path)), dtype=dtype)
+        return load_base(path, dtype)
+    quantized = trained_quantization(path) if as_trained else None
+    base = load_base(base_model or adapter_base(path), dtype, quantized, device)
     return PeftModel.from_pretrained(base, str(path))
 
 
@@ -59,21 +86,22 @@ def load_tokenizer(path: str | Path, fallback: str | Path | None = None):
 
 
 def load_for_inference(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
-                       base_model: str | None = None) -> tuple[torch.nn.Module, ChatFormat]:
+                       base_model: str | None = None, as_trained: bool = True) -> tuple[torch.nn.Module, ChatFormat]:
     """(model in eval mode on `device`, its chat format) for a model folder or a LoRA adapter folder."""
     device = device or default_device()
-    model = load_weights(path, resolve_dtype(dtype, device), base_model)
+    model = load_weights(path, resolve_dtype(dtype, device), base_model, as_trained, device)
     base = getattr(model, "peft_config", {}).get("default")
     tok = load_tokenizer(path, fallback=base_model or (base.base_model_name_or_path if base else None))
     model.to(device).eval()
     return model, ChatFormat(tok, eos_token_id=model.generation_config.eos_token_id)
 
 
-def load_for_inference_or_demo(path: str | Path | None, device: str | None = None, dtype: str | None = None):
+def load_for_inference_or_demo(path: str | Path | None, device: str | None = None, dtype: str | None = None,
+                               adapter_base: str = "as-trained"):
     """load_for_inference(path), or without a path the tiny random demo model (built on first use)."""
     if path is None:
         from medtune.tiny import build_tiny_model
 
         logging.getLogger(__name__).warning("no model given: using the tiny random demo model (it answers gibberish)")
         path = build_tiny_model(DEMO_MODEL)
-    return load_for_inference(path, device=device, dtype=dtype)
+    return load_for_inference(path, device=device, dtype=dtype, as_trained=adapter_base == "as-trained")

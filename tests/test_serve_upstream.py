@@ -129,8 +129,14 @@ def test_print_vllm_command_for_merged_model_and_adapter(tiny_model_dir, tmp_pat
     assert "--generation-config" not in args  # this adapter folder has none
     (adapter / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     cli.main(["--model", str(adapter), "--print-vllm-command"])
-    args = shlex.split(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("vllm serve")))
+    out = capsys.readouterr().out
+    args = shlex.split(next(line for line in out.splitlines() if line.startswith("vllm serve")))
     assert args[args.index("--generation-config") + 1] == str(adapter)  # its stop ids, written by training
+    assert "trained on a quantised base" not in out
+    (adapter / "run_info.json").write_text(json.dumps({"recipe": {"model": {"load_in_4bit": True}}}))
+    cli.main(["--model", str(adapter), "--print-vllm-command"])
+    assert "# This adapter was trained on a quantised base; vLLM adds it to the original weights" in (
+        capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -76,7 +76,7 @@ def test_generation_with_the_trained_adapter_stops_at_end_of_turn(trained):
     _, result, rows = trained
     assert result.sample_answer.finish_reason == "stop" and result.sample_answer.text
     assert "<|end_of_turn|>" not in result.sample_answer.text
-    model, fmt = load_for_inference(result.output_dir)  # the serving path: adapter on the un-quantized base
+    model, fmt = load_for_inference(result.output_dir)  # the serving path: adapter on the NF4 round trip of its base
     conversations = [[{"role": "user", "content": user_message(r["instruction"], r["input"])}]
                      for r in map(json.loads, rows[:4])]
     for c in complete(model, fmt, conversations, max_new_tokens=32):

@@ -117,14 +117,17 @@ def _evaluate_models(args, rows: list[dict]) -> tuple[dict, list[str], dict | No
     from medtune.eval.generate import evaluate_model
 
     adapter = adapters.is_adapter(args.model)
-    model, fmt = inference.load_for_inference(args.model, device=args.device, dtype=args.dtype)
+    as_trained = args.adapter_base == "as-trained"
+    model, fmt = inference.load_for_inference(args.model, device=args.device, dtype=args.dtype, as_trained=as_trained)
     baseline = adapters.adapter_base(args.model) if args.baseline == AUTO else args.baseline
     print(f"evaluating {args.model} on {len(rows)} rows")
     results, replies = evaluate_model(model, fmt, rows, args.max_new_tokens, args.batch_size)
     if baseline is None:
         return results, replies, None, None, None
     print(f"evaluating baseline {baseline}")
-    if adapter and baseline == adapters.adapter_base(args.model):
+    # The base as it is, never its quantised round trip: the adapter disabled only when it runs on those weights.
+    if adapter and baseline == adapters.adapter_base(args.model) and not (
+            as_trained and adapters.trained_quantization(args.model)):
         context = model.disable_adapter()  # the same weights without the adapter: no second load
     else:  # another model: free the tuned one first (two 7B models rarely fit together)
         del model
@@ -191,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         results, replies, base, base_replies, baseline = _evaluate_models(args, rows)
         header |= {"baseline": baseline, "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}
+        if adapters.is_adapter(args.model):  # which base weights the adapter ran on (medtune.inference.load_base)
+            header["adapter_base"] = args.adapter_base if adapters.trained_quantization(args.model) else "original"
     results["rows"] = {"read": read.rows_read, "skipped": dict(read.skipped), "duplicates": read.duplicates,
                        "notes": dict(read.notes), "unusable_predictions": bad_predictions}
     if args.endpoint:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-RUN_INFO_FILE = "run_info.json"
+from medtune.adapters import RUN_INFO_FILE
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "deepspeed", "datasets", "wandb")
 
 

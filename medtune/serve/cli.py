@@ -87,7 +87,7 @@ def build_backend(args):
     from medtune.inference import load_for_inference_or_demo
     from medtune.serve.local import LocalBackend
 
-    model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype)
+    model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype, args.adapter_base)
     name = Path(args.model).resolve().name if args.model else "tiny-starling-demo"
     return LocalBackend(model, fmt, name, args.max_batch_size, args.max_queue, args.max_model_len)
 

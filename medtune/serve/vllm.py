@@ -18,7 +18,7 @@ import json
 import shlex
 from pathlib import Path
 
-from medtune.adapters import ADAPTER_CONFIG, adapter_config, is_adapter
+from medtune.adapters import ADAPTER_CONFIG, adapter_config, is_adapter, trained_quantization
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # MaxLoRARanks in vllm/config/lora.py
 GENERATION_CONFIG = "generation_config.json"
@@ -52,7 +52,11 @@ def vllm_instructions(model: str | Path, name: str | None = None, max_model_len:
                       port: int = 8000) -> str:
     """The vLLM command and the medtune-serve command that puts the page, triage and keys in front of it."""
     name = name or Path(model).resolve().name
+    quantized = is_adapter(model) and trained_quantization(model)
     return "\n".join([
+        *(["# This adapter was trained on a quantised base; vLLM adds it to the original weights. To serve the model",
+           "# as trained, export it (medtune-export merges it into the base's weights as training saw them) and serve",
+           "# that folder."] if quantized else []),
         "# On the GPU machine (vLLM reads its API key from VLLM_API_KEY; bind it to a network only medtune can reach):",
         "export VLLM_API_KEY=<a long random key>",
         shlex.join(vllm_args(model, name, max_model_len, port)),
