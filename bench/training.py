@@ -80,6 +80,8 @@ def tutorial_model(model_dir: str, gradient_checkpointing: bool = True):
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from medtune.model import fp32_on_cpu
+
     dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
@@ -87,6 +89,7 @@ def tutorial_model(model_dir: str, gradient_checkpointing: bool = True):
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=dtype,
                                                  device_map=device_map)
     model.config.use_cache = False
+    fp32_on_cpu(model)  # evaluated on the same CPU path as medtune's model (medtune.model.fp32_on_cpu)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 

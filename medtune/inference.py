@@ -51,7 +51,7 @@ def load_base(path: str | Path, dtype: torch.dtype, quantized: dict | None = Non
     config = medtune_model.quantization_config(settings, dtype, sharded=False)
     model = AutoModelForCausalLM.from_pretrained(local_model(path), dtype=dtype, quantization_config=config,
                                                  device_map={"": device})
-    return model.dequantize(dtype=dtype)
+    return medtune_model.fp32_on_cpu(model).dequantize(dtype=dtype)
 
 
 def load_weights(path: str | Path, dtype: torch.dtype, base_model: str | None = None, as_trained: bool = True,

@@ -78,6 +78,21 @@ def quantization_config(model_args, dtype: torch.dtype, sharded: bool):
     return get_quantization_config(resolved)
 
 
+def fp32_on_cpu(model):
+    """Keep bitsandbytes' 4-bit layers on their plain CPU path: de-quantise, then matmul in the compute dtype.
+
+    On a CPU with AVX512-BF16 (Intel Xeon and AMD EPYC here), bitsandbytes 0.50's `Linear4bit.forward` in eval mode
+    otherwise repacks `weight.data` in place into another layout (`packing_format_for_cpu`) and runs a fused kernel
+    that computes in bf16: evaluation would then see other numerics than the training steps, the as-trained base and
+    the merged export (logits apart by up to 0.9 on SmolLM2), and a de-quantisation or merge after it would read
+    the repacked bytes. The switch is the layer's `support_avx512bf16_for_cpu` (set from `has_avx512bf16()` in its
+    constructor); tests/test_cpu_4bit.py pins what it does. On a GPU it is never read."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_model(recipe):
     """The base model, 4-bit when the recipe says so, prepared for k-bit training (LoRA is attached by TRL)."""
     from accelerate import PartialState
@@ -93,6 +108,8 @@ def load_model(recipe):
     if quant is not None and torch.cuda.is_available() and not sharded:
         kwargs["device_map"] = {"": PartialState().local_process_index}
     model = AutoModelForCausalLM.from_pretrained(local_model(m.model_name_or_path), **kwargs)
+    if quant is not None:
+        fp32_on_cpu(model)
     model.config.use_cache = False  # the KV cache is useless in training and breaks packed-sequence masks
     # prepare_model_for_kbit_training casts norms and embeddings to fp32. Not when sharded: FSDP flattens each layer's
     # parameters (4-bit weights in the compute dtype, norms) into one tensor of one dtype, and ZeRO-3 keeps its own
