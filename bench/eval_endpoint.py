@@ -46,6 +46,7 @@ def local_round(model, fmt, rows: list[dict], max_new_tokens: int, batch_size: i
 
 def endpoint_round(endpoint, rows: list[dict], max_new_tokens: int, concurrency: int) -> dict:
     from medtune.eval.endpoint import generate
+    from medtune.eval.predictions import key
 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
@@ -54,7 +55,7 @@ def endpoint_round(endpoint, rows: list[dict], max_new_tokens: int, concurrency:
         seconds = time.perf_counter() - start
     replies = outcome.replies["prediction"]
     return {"seconds": seconds, "rows_per_s": len(rows) / seconds, "failed": len(outcome.failed),
-            "replies": [replies.get(row["index"]) for row in rows]}
+            "replies": [replies.get(key(row)) for row in rows]}
 
 
 def main(argv: list[str] | None = None) -> dict:

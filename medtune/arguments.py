@@ -50,6 +50,14 @@ class DataArguments:
         metadata={"help": "Chat template (a Jinja string, or the path of a .jinja file) in place of the tokenizer's "
                   "own; it is saved with the adapter, so chat, serving and export use it too."},
     )
+    consultation_eval_dataset: str | None = field(
+        default=None,
+        metadata={"help": "A file of patient vignettes (docs/EVAL.md \"Consultation\"): at each evaluation the "
+                  "model's triage safety, accuracy and emergency recall on them are logged (eval/consultation_*)."},
+    )
+    consultation_eval_max_new_tokens: int = field(
+        default=96, metadata={"help": "Reply length of the consultation questions asked at each evaluation."}
+    )
 
 
 @dataclass

@@ -198,8 +198,10 @@ def validate(recipe: Recipe) -> None:
                           "time-based checkpoints")
     if t.num_train_epochs <= 0 and t.max_steps <= 0:
         raise ConfigError("num_train_epochs and max_steps are both <= 0: set one of them")
-    for key in ("dataset_name", "eval_dataset_name"):
+    for key in ("dataset_name", "eval_dataset_name", "consultation_eval_dataset"):
         _check_data_source(key, getattr(d, key))
+    if d.consultation_eval_max_new_tokens < 1:
+        raise ConfigError(f"consultation_eval_max_new_tokens={d.consultation_eval_max_new_tokens}: use 1 or more")
     _check_model_source(m.model_name_or_path)
     if m.lora_r <= 0 or m.lora_alpha <= 0 or not 0 <= m.lora_dropout < 1:
         raise ConfigError(f"LoRA settings r={m.lora_r}, alpha={m.lora_alpha}, dropout={m.lora_dropout}: "

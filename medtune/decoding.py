@@ -10,6 +10,7 @@ the step loop is here; padding (`tokenizer.pad`), the KV cache, the attention ma
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import torch
@@ -25,6 +26,33 @@ def left_padded(tok, prompts: list[list[int]], device) -> dict[str, torch.Tensor
     return {k: v.to(device) for k, v in enc.items()}
 
 
+# A prefix every prompt of a batch shares (a system prompt) runs once when it is at least this long: shorter ones (a
+# template's opening tokens) save less than the extra forward pass costs.
+SHARED_PREFIX_MIN = 32
+
+
+@torch.inference_mode()
+def prefill(model, tok, prompts: list[list[int]], cache: DynamicCache) -> tuple[torch.Tensor, ...]:
+    """Run the prompts into `cache`: (each row's last-position logits, the attention mask, the position ids).
+
+    A prefix all prompts share runs once and its KV cache is copied to every row, as vLLM's prefix caching does; a
+    consultation's system prompt is 40 % of its prompt. Each row's own tokens follow, left-padded after the prefix
+    (padding masked, positions counting real tokens only), so a row sees what it would see alone."""
+    shared = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
+    shared = shared if shared >= SHARED_PREFIX_MIN else 0
+    if shared:
+        head = torch.tensor([prompts[0][:shared]], device=model.device)
+        model(input_ids=head, position_ids=torch.arange(shared, device=model.device)[None], cache=cache,
+              use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(len(prompts))
+    enc = left_padded(tok, [p[shared:] for p in prompts], model.device)
+    mask = torch.cat([enc["attention_mask"].new_ones(len(prompts), shared), enc["attention_mask"]], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    return logits, mask, positions
+
+
 class DecodeBatch:
     """Prefill on construction; then `sample()` the next token of every row and `advance()` the rows kept.
 
@@ -35,14 +63,10 @@ class DecodeBatch:
     def __init__(self, model, fmt: ChatFormat, prompts: list[list[int]], samplings: list[Sampling]):
         self.model, self.samplings = model, samplings
         self.stop_ids = list(fmt.stop_ids)
-        enc = left_padded(fmt.tokenizer, prompts, model.device)
-        self.mask = enc["attention_mask"]
-        # Positions count real tokens only, so a padded row sees the positions it would see alone.
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.cache = DynamicCache(config=model.config)
         self.rows = list(range(len(prompts)))
         self.steps = 0
-        self._logits = self._forward(enc["input_ids"])
+        self._logits, self.mask, self.positions = prefill(model, fmt.tokenizer, prompts, self.cache)
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=self.positions,

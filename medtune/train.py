@@ -126,7 +126,16 @@ def build_run(recipe: Recipe) -> Run:
     # It deletes old checkpoints itself (the recipe's save_total_limit), after the new one is complete.
     preemption = PreemptionCallback(recipe.checkpointing.save_every_minutes, recipe.training.save_total_limit)
     callbacks = [*monitoring_callbacks(recipe, info, use_wandb), preemption]  # preemption last: see its docstring
+    consult = None
+    if recipe.data.consultation_eval_dataset:  # read before the model loads: a bad file stops the run here
+        from medtune.eval.during_training import ConsultationEval, load_vignettes
+
+        consult = ConsultationEval(fmt, load_vignettes(recipe.data.consultation_eval_dataset),
+                                   recipe.data.consultation_eval_max_new_tokens, args.per_device_eval_batch_size)
+        callbacks.insert(0, consult)  # the preemption callback stays last
     trainer = build_trainer(recipe, args, fmt.tokenizer, prepared, load_model(recipe), callbacks)
+    if consult is not None:
+        consult.trainer = trainer
     return Run(fmt, prepared, trainer, resume, preemption)
 
 

@@ -41,6 +41,19 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def random_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A randomly initialised LoRA adapter on the tiny model (so tuned and base replies differ)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def sample_train_file() -> Path:
     return ROOT / "data" / "sample" / "medtuned_sample.jsonl"
 

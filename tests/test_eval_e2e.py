@@ -13,7 +13,6 @@ from medtune import adapters, inference
 from medtune.eval import generate, run
 from medtune.data.select import load_rows
 from medtune.data.sources import FAMILIES, SOURCE_FAMILY
-from medtune.tiny import build_tiny_model
 
 SAMPLE_EVAL = Path(__file__).resolve().parents[1] / "data" / "sample" / "medtuned_sample_eval.jsonl"
 OTHER_ROW = {"instruction": "Summarise the clinical note in one sentence.",
@@ -120,20 +119,6 @@ def test_flags_need_one_mode():
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory) -> Path:
-    """A randomly initialised LoRA adapter on the tiny model (so tuned and base replies differ)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = build_tiny_model(tmp_path_factory.mktemp("tiny"))
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    out = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def eval_file(tmp_path_factory) -> Path:
     """One sample row of every family plus one row no family claims."""
     rows, seen = [], set()
@@ -147,16 +132,17 @@ def eval_file(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_cli_adapter_vs_base(adapter_dir, eval_file, tmp_path, monkeypatch):
+def test_cli_adapter_vs_base(random_adapter_dir, eval_file, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     out = tmp_path / "report"
-    run.main(["--model", str(adapter_dir), "--baseline", "--data", str(eval_file), "--max-new-tokens", "6",
+    run.main(["--model", str(random_adapter_dir), "--baseline", "--data", str(eval_file), "--max-new-tokens", "6",
               "--batch-size", "4", "--out", str(out), "--device", "cpu", "--wandb"])
 
     report = json.loads((out / "eval.json").read_text())
     assert report["baseline"]["overall"]["n"] == report["rows"]["read"] == 7
-    assert report["model"] == str(adapter_dir) and report["baseline"]["model"] == adapters.adapter_base(adapter_dir)
+    assert report["model"] == str(random_adapter_dir)
+    assert report["baseline"]["model"] == adapters.adapter_base(random_adapter_dir)
     for results in (report, report["baseline"]):
         assert set(results["families"]) == set(FAMILIES)
         assert results["families"]["other"]["n"] == 1
@@ -175,8 +161,8 @@ def test_cli_adapter_vs_base(adapter_dir, eval_file, tmp_path, monkeypatch):
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
 
 
-def test_end_of_training_generation_eval_restores_training_mode(adapter_dir, eval_file):
-    model, fmt = inference.load_for_inference(adapter_dir, device="cpu")
+def test_end_of_training_generation_eval_restores_training_mode(random_adapter_dir, eval_file):
+    model, fmt = inference.load_for_inference(random_adapter_dir, device="cpu")
     model.train()
     rows = load_rows(str(eval_file))[0][:3]
     results, _ = generate.evaluate_model(model, fmt, rows, max_new_tokens=2, batch_size=2)

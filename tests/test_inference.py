@@ -1,6 +1,8 @@
 """Generation with the tiny model (medtune.decoding under medtune.generation's rules): stopping at the end-of-turn
 token, batching, streaming, and the terminal chat."""
 
+import os
+
 import pytest
 import torch
 
@@ -77,6 +79,25 @@ def test_batched_greedy_equals_one_by_one_and_transformers_generate(model_and_fm
         ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=1,
                              do_sample=False, eos_token_id=list(fmt.stop_ids))[0, prompt.shape[1]:].tolist()
         assert fmt.reply_text(ids) == text
+
+
+def test_a_shared_system_prompt_runs_once_and_replies_stay_those_of_each_prompt_alone(model_and_fmt, monkeypatch):
+    from medtune import decoding
+    from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
+
+    model, fmt = model_and_fmt
+    conversations = [with_system_prompt([m for m in c if m["role"] != "system"], DEFAULT_SYSTEM_PROMPT)
+                     for c in CONVERSATIONS]
+    prompts = [fmt.prompt_ids(c) for c in conversations]
+    shared = len(os.path.commonprefix(prompts))
+    assert shared >= decoding.SHARED_PREFIX_MIN  # the batch takes the shared-prefix path
+    widths = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: widths.append(k["input_ids"].shape) or forward(*a, **k))
+    batched = texts(model, fmt, conversations, 12)
+    assert widths[0] == (1, shared)  # the system prompt once, for all three rows
+    single = [texts(model, fmt, [c], 12)[0] for c in conversations]
+    assert batched == single and len(set(batched)) == 3
 
 
 def test_stream_matches_complete(model_and_fmt):

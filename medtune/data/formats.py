@@ -7,6 +7,9 @@
   every assistant turn is supervised.
 - `prompt_completion`: TRL's conversational prompt/completion, two lists of messages; only the completion's
   assistant turns are supervised.
+- `vignette`: patient vignettes, a case with its diagnosis and/or triage level, in any of the layouts of
+  medtune.data.vignettes; evaluation asks the consultation questions of them (medtune.eval.consultation), training
+  learns the case and a reply written from its diagnosis and level.
 
 Every kept row has `messages` and `train_from` (the first message whose assistant turns are supervised); MedTuned
 rows keep their three fields too (evaluation scores them). A row that cannot be used is counted under a reason:
@@ -17,16 +20,20 @@ like when the chat template refuses it, medtune.chat_format).
 from __future__ import annotations
 
 from medtune.chat_format import user_message
+from medtune.data import vignettes
 
-INSTRUCTION, MESSAGES, PROMPT_COMPLETION = "instruction", "messages", "prompt_completion"
+INSTRUCTION, MESSAGES, PROMPT_COMPLETION, VIGNETTE = "instruction", "messages", "prompt_completion", "vignette"
 DESCRIPTION = {INSTRUCTION: "MedTuned instruction rows", MESSAGES: "OpenAI-style conversations (messages)",
-               PROMPT_COMPLETION: "TRL conversational prompt/completion"}
+               PROMPT_COMPLETION: "TRL conversational prompt/completion",
+               VIGNETTE: "patient vignettes (case, diagnosis, triage level)"}
 ROLES = ("system", "user", "assistant")
 REQUIRED = ("instruction", "output")
 
 
 def detect(record: object) -> str:
     """The format of a file whose first record is `record`."""
+    if vignettes.is_vignette(record):
+        return VIGNETTE
     if isinstance(record, dict):
         if "messages" in record:
             return MESSAGES
@@ -35,9 +42,13 @@ def detect(record: object) -> str:
     return INSTRUCTION
 
 
-def clean(fmt: str, raw: dict) -> tuple[dict | None, str | None]:
-    """(the cleaned row, None) or (None, the reason it is skipped)."""
-    row, reason = (_instruction_row(raw) if fmt == INSTRUCTION else _conversation_row(fmt, raw))
+def clean(fmt: str, raw: dict, where: str = "a row") -> tuple[dict | None, str | None]:
+    """(the cleaned row, None) or (None, the reason it is skipped). `where` names the row in the errors that stop a
+    read (an unknown vignette triage level)."""
+    if fmt == VIGNETTE:
+        row, reason = vignettes.clean(raw, where)
+    else:
+        row, reason = (_instruction_row(raw) if fmt == INSTRUCTION else _conversation_row(fmt, raw))
     if row is not None and isinstance(raw.get("source"), str) and raw["source"].strip():
         row["source"] = raw["source"]
     return row, reason

@@ -230,7 +230,7 @@ def clean_row(raw: object, where: str, report: RowReport, fmt: str = formats.INS
     if not isinstance(raw, dict):
         report.skip("not_an_object", where)
         return None
-    row, reason = formats.clean(fmt, raw)
+    row, reason = formats.clean(fmt, raw, where)
     if row is None:
         report.skip(reason, where)
         return None

@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 import httpx
 from tqdm import tqdm
 
-from medtune.eval.predictions import PREDICTIONS, Journal, check_settings, read_done
+from medtune.eval.predictions import PREDICTIONS, Journal, check_settings, key, read_done
 from medtune.eval.prompt import row_messages
 
 API_KEY_ENV = "MEDTUNE_EVAL_API_KEY"
@@ -64,8 +64,8 @@ class EndpointDown(Exception):
 
 @dataclass
 class Outcome:
-    replies: dict[str, dict[int, str]]  # side ("prediction" / "base_prediction") -> row index -> reply
-    failed: dict[int, str]  # row index -> why it has no reply
+    replies: dict[str, dict[tuple, str]]  # side ("prediction" / "base_prediction") -> key (predictions.key) -> reply
+    failed: dict[tuple, str]  # key -> why it has no reply
     requests: dict[str, dict] = field(default_factory=dict)  # side -> {"resumed", "sent", "errors": {why: n}}
 
 
@@ -121,10 +121,12 @@ def _retry_after(response: httpx.Response, attempt: int) -> float:
     return min(MAX_RETRY_AFTER_S, max(0.0, seconds)) * random.uniform(1.0, 1.25)
 
 
-async def _reply(client: httpx.AsyncClient, endpoint: Endpoint, row: Mapping, max_new_tokens: int,
+async def reply(client: httpx.AsyncClient, endpoint: Endpoint, row: Mapping, max_new_tokens: int,
                  max_attempts: int, answers: Counter) -> str:
     """The row's reply; `answers` counts every attempt by what came back ("ok", "503", "timeout", "ConnectError")."""
-    body = {"model": endpoint.model, "messages": row_messages(row), "max_tokens": max_new_tokens, "temperature": 0}
+    body = {"model": endpoint.model, "messages": row_messages(row),
+            "max_tokens": row.get("max_new_tokens", max_new_tokens),
+            "temperature": 0}
     attempt = 0
     while True:
         attempt += 1
@@ -170,12 +172,13 @@ async def _generate_side(endpoint: Endpoint, side: str, rows: Sequence[Mapping],
     async def worker(client: httpx.AsyncClient) -> None:
         for row in pending:
             try:
-                replies[row["index"]] = reply = await _reply(client, endpoint, row, max_new_tokens, max_attempts,
-                                                             answers)
-                journal.add(row, side, reply)
+                replies[key(row)] = text = await reply(client, endpoint, row, max_new_tokens, max_attempts,
+                                                       answers)
+                journal.add(row, side, text)
             except RowFailed as e:
-                failed[row["index"]] = f"row {row['index']} ({row['where']}): {e}"
-                bar.write(f"failed: {failed[row['index']]}")
+                question = f", question {row['question']}" if "question" in row else ""
+                failed[key(row)] = f"row {row['index']} ({row['where']}{question}): {e}"
+                bar.write(f"failed: {failed[key(row)]}")
             bar.set_postfix(errors=sum(answers.values()) - answers["ok"], failed=len(failed), refresh=False)
             bar.update()
 
@@ -193,21 +196,22 @@ async def _generate_side(endpoint: Endpoint, side: str, rows: Sequence[Mapping],
 
 def generate(sides: Mapping[str, Endpoint], rows: Sequence[Mapping], all_rows: Sequence[Mapping], out: str | Path,
              concurrency: int, max_new_tokens: int, max_attempts: int, resume: bool) -> Outcome:
-    """The replies of every side (the tuned model's "prediction", the baseline's "base_prediction") to `rows`,
-    one side after the other, skipping with --resume those already in out/eval_predictions.jsonl. `all_rows`: every
-    row read from --data, against which the resumed records are checked."""
+    """The replies of every side (the tuned model's "prediction", the baseline's "base_prediction") to `rows` (MedTuned
+    rows and consultation requests, each with its own max_new_tokens), one side after the other, skipping with
+    --resume those already in out/eval_predictions.jsonl. `all_rows`: every row and request of --data, against which
+    the resumed records are checked."""
     out = Path(out)
     check_settings(out, {"max_new_tokens": max_new_tokens, "served_models": {s: e.model for s, e in sides.items()}},
                    resume)
     path = out / PREDICTIONS
-    done = read_done(path, {r["index"]: r for r in all_rows}) if resume and path.exists() else {}
+    done = read_done(path, {key(r): r for r in all_rows}) if resume and path.exists() else {}
     outcome = Outcome({side: {} for side in sides}, {})
     journal = Journal(path, done)
     try:
         for side, endpoint in sides.items():
             replies = outcome.replies[side]
-            replies.update({i: record[side] for i, record in done.items() if side in record})
-            todo = [row for row in rows if row["index"] not in replies]
+            replies.update({k: record[side] for k, record in done.items() if side in record})
+            todo = [row for row in rows if key(row) not in replies]
             print(f"{side}: {endpoint.model} at {endpoint.url}, {len(rows) - len(todo)} of {len(rows)} rows already "
                   f"in {path}, {len(todo)} to generate, {concurrency} at a time")
             answers: Counter = Counter()
@@ -216,7 +220,7 @@ def generate(sides: Mapping[str, Endpoint], rows: Sequence[Mapping], all_rows: S
                     asyncio.run(_generate_side(endpoint, side, todo, concurrency, max_new_tokens, max_attempts,
                                                journal, replies, outcome.failed, answers))
             except (EndpointDown, KeyboardInterrupt) as e:
-                have = sum(row["index"] in replies for row in rows)
+                have = sum(key(row) in replies for row in rows)
                 why = f"{endpoint.url} stopped answering: {e}" if isinstance(e, EndpointDown) else "interrupted"
                 raise SystemExit(f"{why}. {have} of {len(rows)} {side} replies are in {path}; run the same command "
                                  "with --resume to go on") from None

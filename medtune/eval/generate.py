@@ -6,8 +6,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-from medtune.chat_format import ChatFormat, RowError
-from medtune.decoding import complete
+from medtune.chat_format import ChatFormat, Messages, RowError
+from medtune.data.vignettes import LEVELS
+from medtune.decoding import complete, prefill
+from medtune.eval import consultation
 from medtune.eval.prompt import row_messages
 from medtune.eval.score import mean_loss, score
 
@@ -59,6 +61,51 @@ def reply_losses(model, fmt: ChatFormat, rows: Sequence[Row], batch_size: int) -
     return out
 
 
+@torch.inference_mode()
+def option_losses(model, fmt: ChatFormat, prompts: Sequence[Messages], options: Sequence[str],
+                  batch_size: int) -> list[list[float]]:
+    """Per prompt, the summed negative log-likelihood of each option as the whole assistant reply (with its
+    end-of-turn). The prompt runs once and its KV cache serves every option: `reply_losses` on each (prompt, option)
+    conversation gives the same numbers at k times the cost. A template that tokenizes the prompt differently for
+    different replies falls back to that."""
+    from transformers import DynamicCache
+
+    k, out = len(options), []
+    for start in range(0, len(prompts), batch_size):
+        conversations = [[*p, {"role": "assistant", "content": o}] for p in prompts[start:start + batch_size]
+                         for o in options]
+        encoded = fmt.encode(conversations)
+        for e in encoded:
+            if isinstance(e, RowError):
+                raise ValueError(str(e))
+        cut = [e.mask.index(1) for e in encoded]
+        heads = [e.input_ids[:c] for e, c in zip(encoded, cut)]
+        if any(heads[i] != heads[i - i % k] for i in range(len(heads))):
+            losses = reply_losses(model, fmt, [{"messages": c} for c in conversations], batch_size)
+            out += [[nll for nll, _ in losses[i:i + k]] for i in range(0, len(losses), k)]
+            continue
+        cache = DynamicCache(config=model.config)
+        last, mask, positions = prefill(model, fmt.tokenizer, heads[::k], cache)
+        cache.batch_repeat_interleave(k)
+        tails = [e.input_ids[c:] for e, c in zip(encoded, cut)]
+        width = max(map(len, tails))
+        pad = fmt.tokenizer.pad_token_id
+        ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=model.device)
+        real = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails], device=model.device)
+        scored = torch.tensor([e.mask[c:] + [0] * (width - len(e.mask) + c) for e, c in zip(encoded, cut)],
+                              device=model.device)
+        logits = model(input_ids=ids, attention_mask=torch.cat([mask.repeat_interleave(k, 0), real], 1),
+                       position_ids=positions[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(width,
+                                                                                                 device=ids.device),
+                       cache=cache, use_cache=True).logits
+        # The first reply token is predicted by the prompt's last position, each next one by the token before it.
+        logits = torch.cat([last.repeat_interleave(k, 0)[:, None], logits[:, :-1].float()], 1)
+        nll = (torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none") * scored).sum(1)
+        sums = nll.tolist()
+        out += [sums[i:i + k] for i in range(0, len(sums), k)]
+    return out
+
+
 def mean_reply_loss(model, fmt: ChatFormat, rows: Sequence[Row], batch_size: int = 8) -> float:
     """The rows' held-out reply loss (eval.json's overall `loss`), in eval mode; restores the model's mode."""
     was_training = model.training
@@ -82,6 +129,31 @@ def evaluate_model(model, fmt: ChatFormat, rows: Sequence[Row], max_new_tokens: 
     return score(rows, replies, losses), replies
 
 
+def consultation_replies(model, fmt: ChatFormat, rows: Sequence[Mapping], system_prompt: str, max_new_tokens: int,
+                         batch_size: int = 8) -> tuple[dict[tuple[int, str], str], dict[int, str]]:
+    """({(vignette index, question): greedy reply}, {vignette index: likelihood level}) for vignette rows; restores
+    the model's train/eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        replies: dict[tuple[int, str], str] = {}
+        requests = consultation.requests(rows, system_prompt, max_new_tokens)
+        for question in consultation.QUESTIONS:
+            group = [r for r in requests if r["question"] == question]
+            if group:
+                texts = generate_replies(model, fmt, group, group[0]["max_new_tokens"], batch_size)
+                replies.update({(r["index"], question): text for r, text in zip(group, texts)})
+        triaged = [row for row in rows if row["triage"]]
+        replies_of_levels = [consultation.LEVEL_REPLIES[level] for level in LEVELS]
+        nll = option_losses(model, fmt, [consultation.prompt(row, consultation.TRIAGE, system_prompt)
+                                         for row in triaged], replies_of_levels, batch_size)
+        likelihood = {row["index"]: LEVELS[min(range(len(LEVELS)), key=losses.__getitem__)]
+                      for row, losses in zip(triaged, nll)}
+    finally:
+        model.train(was_training)
+    return replies, likelihood
+
+
 def flat_metrics(results: Mapping) -> dict[str, float]:
     """`evaluate_model` results flat, ready for `trainer.log`: eval_gen_<family>_<metric>,
     eval_gen_source_<source>_<metric> and eval_gen_all_<n|loss|perplexity> (the "eval_" prefix puts them under
@@ -89,7 +161,8 @@ def flat_metrics(results: Mapping) -> dict[str, float]:
     flat = {f"eval_gen_all_{k}": float(v) for k, v in results["overall"].items()}
     for prefix, group in (("", results["families"]), ("source_", results["sources"])):
         for name, metrics in group.items():
-            flat.update({f"eval_gen_{prefix}{name}_{k}": float(v) for k, v in metrics.items() if k != "primary"})
+            flat.update({f"eval_gen_{prefix}{name}_{k}": float(v) for k, v in metrics.items()
+                         if isinstance(v, (int, float))})
     return flat
 
 

@@ -1,8 +1,9 @@
 """eval_predictions.jsonl: every row's reply, appended as it arrives by an endpoint run and read back by --resume.
 
-Each record names its row by `index` (its position in --data, as medtune.data.rows counts it) and `row_hash` (a
-digest of its instruction, input and output), so that replies are matched to their rows whatever order they arrived
-in, and a resume against other data, or a changed file, is refused instead of scoring replies to other questions.
+Each record names its row by `index` (its position in --data, as medtune.data.rows counts it), for a vignette the
+`question` asked (medtune.eval.consultation), and `row_hash` (a digest of its messages; for a vignette, the prompt),
+so that replies are matched to their rows whatever order they arrived in, and a resume against other data, or a
+changed file or system prompt, is refused instead of scoring replies to other questions.
 While a run goes on, a record holds one side's reply ({"index", "row_hash", "prediction" | "base_prediction"}), in
 arrival order; the report (medtune.eval.report) rewrites the file in row order, one record per row with all its
 fields. eval_generation.json, next to it, records what the replies depend on (each side's served model and
@@ -22,6 +23,11 @@ from medtune.data.rows import RowReport, json_lines, row_key
 PREDICTIONS = "eval_predictions.jsonl"
 SETTINGS = "eval_generation.json"
 SIDES = ("prediction", "base_prediction")  # the tuned model's reply, the baseline's
+
+
+def key(row: Mapping) -> tuple[int, str | None]:
+    """What a reply answers: the row's index in --data, and for a vignette the question (medtune.eval.consultation)."""
+    return row["index"], row.get("question")
 
 
 def row_hash(row: Mapping) -> str:
@@ -52,24 +58,24 @@ def check_settings(out: Path, settings: dict, resume: bool) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def read_done(path: Path, rows_by_index: Mapping[int, Mapping]) -> dict[int, dict]:
-    """{index: {"index", "row_hash", side: reply, ...}} of the replies already in `path`, of every side (those of a
-    side this run does not ask for are kept for a later one). A record naming a row that --data does not have, or
-    with another row's content, stops the run; lines that do not parse (the last one, cut short by an
+def read_done(path: Path, rows_by_key: Mapping[tuple, Mapping]) -> dict[tuple, dict]:
+    """{key: {"index", ["question",] "row_hash", side: reply, ...}} of the replies already in `path`, of every side
+    (those of a side this run does not ask for are kept for a later one). A record naming a row that --data does
+    not have, or with another row's content, stops the run; lines that do not parse (the last one, cut short by an
     interruption) are left out and counted."""
-    done: dict[int, dict] = {}
+    done: dict[tuple, dict] = {}
     unreadable = RowReport()
     for where, record in json_lines(path, unreadable):
         if not isinstance(record, dict) or not isinstance(record.get("index"), int):
             continue  # json_lines counted it when it did not parse; anything else is no record of ours
         index = record["index"]
-        row = rows_by_index.get(index)
+        row = rows_by_key.get(key(record))
         if row is None or record.get("row_hash") != row_hash(row):
             found = f"row {index} of --data ({row['where']}) has other content" if row else \
                 f"--data has no row {index}"
             raise SystemExit(f"--resume: {where} is a reply to row {index}, but {found}: these predictions were "
                              "made for other data; choose another --out")
-        entry = done.setdefault(index, {"index": index, "row_hash": record["row_hash"]})
+        entry = done.setdefault(key(record), {k: record[k] for k in ("index", "question", "row_hash") if k in record})
         entry.update({side: record[side] for side in SIDES if isinstance(record.get(side), str)})
     if unreadable.skipped:
         print(f"--resume: {path}: {sum(unreadable.skipped.values())} unreadable line(s) left out "
@@ -89,7 +95,8 @@ class Journal:
         self._file = open(path, "a", encoding="utf-8")
 
     def add(self, row: Mapping, side: str, reply: str) -> None:
-        record = {"index": row["index"], "row_hash": row_hash(row), side: reply}
+        record = {"index": row["index"], **({"question": row["question"]} if "question" in row else {}),
+                  "row_hash": row_hash(row), side: reply}
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
 

@@ -1,4 +1,5 @@
-"""`medtune-eval`: held-out MedTuned metrics per task family and per source corpus, in one command.
+"""`medtune-eval`: held-out MedTuned metrics per task family and per source corpus, and the symptom consultation
+(triage safety and diagnosis on patient vignettes), in one command.
 
     medtune-eval --model outputs/starling-medtuned --baseline --data nlpie/Llama2-MedTuned-Instructions \\
         --split validation --max-samples-per-source 200 --out outputs/eval
@@ -14,6 +15,14 @@ time, resumably (medtune.eval.endpoint). With --predictions, the replies come fr
 {"prediction": "..."} per row of --data, in its order. Either way the replies are scored per family and source
 (medtune.data.sources, medtune.eval.scorers) into eval.json, eval.md and
 eval_predictions.jsonl in --out (medtune.eval.report), and optionally W&B.
+
+A --data file of patient vignettes (detected per file, medtune.data.vignettes) is the `consultation` family: each
+vignette is asked the questions of medtune.eval.consultation, with medtune-serve's system prompt unless
+--system-prompt says otherwise, and scored for triage safety and diagnosis; --judge-endpoint adds an LLM judge's
+reading beside the deterministic one (medtune.eval.judge). --data takes several files:
+
+    medtune-eval --model outputs/demo --baseline --data data/sample/medtuned_sample_eval.jsonl \
+        data/vignettes/heldout.jsonl --out outputs/demo
 """
 
 from __future__ import annotations
@@ -21,38 +30,79 @@ from __future__ import annotations
 import argparse
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from medtune import adapters
+from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
 from medtune.command_line import add_runtime_arguments
 from medtune.data.rows import RowReport, is_local, json_lines
-from medtune.eval.report import headline_table, log_wandb, write_report
-from medtune.eval.score import score
 from medtune.data.select import load_rows, select_rows
+from medtune.eval import consultation
+from medtune.eval.report import consultation_table, headline_table, log_wandb, write_report
+from medtune.eval.score import score
+from medtune.eval.scorers.consultation import Matcher
 
 AUTO = "auto"
 
 
-def read_predictions(path: str, expected: int) -> tuple[list[str], int]:
-    """(one reply per record of --data, how many records had no usable reply and score as empty). A count that does
-    not match the records of --data stops here: the replies could not be lined up with their rows."""
+@dataclass
+class Side:
+    """One model's replies: to the MedTuned rows (in row order, with their scores) and to the consultation."""
+
+    results: dict
+    replies: list[str]
+    consult: dict = field(default_factory=dict)  # (vignette index, question) -> reply
+    likelihood: dict | None = None  # vignette index -> level (local models only)
+    read: list[dict] = field(default_factory=list)  # per vignette what its replies say (consultation.read)
+
+
+def no_rows() -> dict:
+    return {"families": {}, "sources": {}, "overall": {"n": 0}, "unknown_sources": {}}
+
+
+def load_data(paths: Sequence[str], split: str | None) -> tuple[list[dict], RowReport]:
+    """The rows of every --data, indexed as one sequence of records (so that --predictions and --resume line up with
+    them), and one report of what was read and skipped."""
+    rows, report = [], RowReport()
+    for path in paths:
+        part, read = load_rows(path, split)
+        rows += [{**row, "index": report.rows_read + row["index"]} for row in part]
+        report.rows_read += read.rows_read
+        report.skipped.update(read.skipped)
+        report.notes.update(read.notes)
+        report.duplicates += read.duplicates
+        report.formats.update(read.formats)
+    return rows, report
+
+
+def read_predictions(path: str, rows: Sequence[dict], expected: int) -> tuple[dict[int, dict], int]:
+    """({row index: its record}, how many rows have no usable reply and score as empty). A MedTuned row's record has
+    a string `prediction`; a vignette's has a string under each question asked (`consult`, `triage`,
+    `differential`). A count that does not match the records of --data stops here: the replies could not be lined
+    up with their rows."""
     if not is_local(path):
         raise SystemExit(f"--predictions {path}: no such file")
-    replies, bad = [], []
-    for where, record in json_lines(Path(path), RowReport()):
-        ok = isinstance(record, dict) and isinstance(record.get("prediction"), str)
-        bad += [] if ok else [where]
-        replies.append(record["prediction"] if ok else "")
-    if len(replies) != expected:
-        raise SystemExit(f"--predictions {path} has {len(replies)} records but --data has {expected} rows (skipped "
-                         "rows included); write one {\"prediction\": ...} line per row of --data, in its order")
-    if bad and len(bad) == len(replies):
-        raise SystemExit(f"--predictions {path}: none of its {len(bad)} records has a string 'prediction' (first: "
-                         f"{bad[0]}): nothing to score")
+    records = list(json_lines(Path(path), RowReport()))
+    if len(records) != expected:
+        raise SystemExit(f"--predictions {path} has {len(records)} records but --data has {expected} rows (skipped "
+                         "rows included); write one {\"prediction\": ...} line per row of --data (for a vignette "
+                         "{\"consult\": ..., \"triage\": ..., \"differential\": ...}), in its order")
+    usable, bad = {}, []
+    for row in rows:
+        where, record = records[row["index"]]
+        keys = consultation.questions(row) if consultation.is_vignette(row) else ["prediction"]
+        record = record if isinstance(record, dict) else {}
+        usable[row["index"]] = {k: record[k] if isinstance(record.get(k), str) else "" for k in keys}
+        bad += [] if all(isinstance(record.get(k), str) for k in keys) else [where]
+    if bad and len(bad) == len(rows):
+        raise SystemExit(f"--predictions {path}: none of its {len(bad)} records has a string 'prediction' (for a "
+                         f"vignette: its questions' replies) (first: {bad[0]}): nothing to score")
     if bad:
-        print(f"{path}: {len(bad)} record(s) without a string 'prediction' (first: {bad[0]}), scored as empty replies")
-    return replies, len(bad)
+        print(f"{path}: {len(bad)} record(s) without a string 'prediction' (or a vignette's replies) (first: "
+              f"{bad[0]}), scored as empty replies")
+    return usable, len(bad)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,7 +116,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", nargs="?", const=AUTO, default=None,
                    help="also evaluate this model and report side by side; without a value: the base model "
                         "recorded in the adapter's adapter_config.json (evaluated with the adapter disabled)")
-    p.add_argument("--data", required=True, help="held-out rows: .jsonl/.json/.csv/.parquet file or dataset id")
+    p.add_argument("--data", required=True, nargs="+", help="held-out rows: .jsonl/.json/.csv/.parquet files or a "
+                   "dataset id; MedTuned rows, and patient vignettes for the consultation")
     p.add_argument("--split", default=None, help="dataset split (default: first of test/validation/eval/train)")
     p.add_argument("--max-samples-per-source", type=int, default=None,
                    help="at most N rows of each source corpus, seeded random")
@@ -91,6 +142,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="a row that fails this many times is recorded as failed (default: %(default)s)")
     remote.add_argument("--resume", action="store_true",
                         help="skip the rows already in --out's eval_predictions.jsonl (an interrupted run)")
+    consult = p.add_argument_group("consultation (vignette files in --data)")
+    consult.add_argument("--system-prompt", default=None, help="the system prompt the vignettes are asked under "
+                         "(default: medtune-serve's, so that the page's behaviour is measured; '' for none)")
+    consult.add_argument("--aliases", action="append", default=[], metavar="FILE",
+                         help="more diagnosis alias groups (YAML `groups:` of name lists), added to medtune's")
+    consult.add_argument("--judge-endpoint", metavar="URL", help="also have the replies read by an LLM judge behind "
+                         "this OpenAI-compatible API; reported beside the deterministic numbers, never mixed in")
+    consult.add_argument("--judge-model", metavar="NAME", help="the judge's served model (default: the only one)")
+    consult.add_argument("--judge-api-key", default=os.environ.get("MEDTUNE_JUDGE_API_KEY"),
+                         help="the judge endpoint's key (default: $MEDTUNE_JUDGE_API_KEY)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row selection")
     p.add_argument("--wandb", action="store_true", help="log the table to W&B (offline unless configured)")
     p.add_argument("--wandb-project", default="medtune")
@@ -103,6 +164,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                   ("--baseline-served-model", args.baseline_served_model)) if v]
     if remote_only and args.endpoint is None:
         p.error(f"{remote_only[0]} goes with --endpoint")
+    if args.judge_model and not args.judge_endpoint:
+        p.error("--judge-model goes with --judge-endpoint")
+    if args.predictions and len(args.data) > 1:
+        p.error("--predictions lines its records up with one --data file: give one")
     for flag, value in (("--concurrency", args.concurrency), ("--max-attempts", args.max_attempts),
                         ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
@@ -110,20 +175,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _evaluate_models(args, rows: list[dict]) -> tuple[dict, list[str], dict | None, list[str] | None, str | None]:
+def _run_model(model, fmt, rows: list[dict], vignettes: list[dict], args, system_prompt: str) -> Side:
+    from medtune.eval.generate import consultation_replies, evaluate_model
+
+    results, replies = evaluate_model(model, fmt, rows, args.max_new_tokens, args.batch_size) if rows else (
+        no_rows(), [])
+    side = Side(results, replies)
+    if vignettes:
+        side.consult, side.likelihood = consultation_replies(model, fmt, vignettes, system_prompt,
+                                                             args.max_new_tokens, args.batch_size)
+    return side
+
+
+def _evaluate_models(args, rows: list[dict], vignettes: list[dict],
+                     system_prompt: str) -> tuple[Side, Side | None, str | None]:
     import torch
 
     from medtune import inference
-    from medtune.eval.generate import evaluate_model
 
     adapter = adapters.is_adapter(args.model)
     as_trained = args.adapter_base == "as-trained"
     model, fmt = inference.load_for_inference(args.model, device=args.device, dtype=args.dtype, as_trained=as_trained)
     baseline = adapters.adapter_base(args.model) if args.baseline == AUTO else args.baseline
-    print(f"evaluating {args.model} on {len(rows)} rows")
-    results, replies = evaluate_model(model, fmt, rows, args.max_new_tokens, args.batch_size)
+    print(f"evaluating {args.model} on {len(rows)} rows and {len(vignettes)} vignettes")
+    tuned = _run_model(model, fmt, rows, vignettes, args, system_prompt)
     if baseline is None:
-        return results, replies, None, None, None
+        return tuned, None, None
     print(f"evaluating baseline {baseline}")
     # The base as it is, never its quantised round trip: the adapter disabled only when it runs on those weights.
     if adapter and baseline == adapters.adapter_base(args.model) and not (
@@ -135,34 +212,46 @@ def _evaluate_models(args, rows: list[dict]) -> tuple[dict, list[str], dict | No
         model, fmt = inference.load_for_inference(baseline, device=args.device, dtype=args.dtype)
         context = nullcontext()
     with context:
-        base, base_replies = evaluate_model(model, fmt, rows, args.max_new_tokens, args.batch_size)
-    return results, replies, base, base_replies, baseline
+        base = _run_model(model, fmt, rows, vignettes, args, system_prompt)
+    return tuned, base, baseline
 
 
-def _evaluate_endpoints(args, rows: list[dict], all_rows: list[dict]):
-    """(rows with a reply from every side, replies, results, base replies, base results, header fields, failed)."""
+def _evaluate_endpoints(args, rows: list[dict], vignettes: list[dict], all_rows: list[dict], system_prompt: str):
+    """(MedTuned rows with a reply from every side, tuned Side, base Side or None, header fields, failed)."""
     from medtune.eval import endpoint
+    from medtune.eval.predictions import key
 
     sides = {"prediction": endpoint.connect(args.endpoint, args.api_key, args.served_model)}
     if args.baseline_endpoint or args.baseline_served_model:
         sides["base_prediction"] = endpoint.connect(args.baseline_endpoint or args.endpoint, args.api_key,
                                                     args.baseline_served_model, "--baseline-endpoint")
-    outcome = endpoint.generate(sides, rows, all_rows, args.out, args.concurrency, args.max_new_tokens,
-                                args.max_attempts, args.resume)
-    rows = [row for row in rows if row["index"] not in outcome.failed]  # failed rows are counted, not scored
-    replies = {side: [outcome.replies[side][row["index"]] for row in rows] for side in sides}
+    asks = consultation.requests(vignettes, system_prompt, args.max_new_tokens)
+    all_medtuned = [row for row in all_rows if not consultation.is_vignette(row)]
+    outcome = endpoint.generate(sides, rows + asks, all_medtuned + asks, args.out, args.concurrency,
+                                args.max_new_tokens, args.max_attempts, args.resume)
+    rows = [row for row in rows if key(row) not in outcome.failed]  # failed rows are counted, not scored
     header = {"endpoint": sides["prediction"].url, "served_model": sides["prediction"].model,
               "concurrency": args.concurrency, "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}
-    base = base_replies = None
+    result = {}
+    for name in sides:
+        got = outcome.replies[name]
+        replies = [got[key(row)] for row in rows]
+        side = Side(score(rows, replies) if rows else no_rows(), replies)
+        side.consult = {key(a): got[key(a)] for a in asks if key(a) in got}
+        result[name] = side
+    result["prediction"].results["requests"] = outcome.requests
     if "base_prediction" in sides:
         header |= {"baseline_endpoint": sides["base_prediction"].url,
                    "baseline_served_model": sides["base_prediction"].model}
-        base_replies = replies["base_prediction"]
-        base = score(rows, base_replies)
-    results = score(rows, replies["prediction"])
-    results["requests"] = outcome.requests
-    failed = [outcome.failed[i] for i in sorted(outcome.failed)]
-    return rows, replies["prediction"], results, base_replies, base, header, failed
+    failed = [outcome.failed[k] for k in sorted(outcome.failed, key=lambda k: (k[0], k[1] or ""))]
+    return rows, result["prediction"], result.get("base_prediction"), header, failed
+
+
+def _from_predictions(rows: list[dict], vignettes: list[dict], records: dict[int, dict]) -> Side:
+    replies = [records[row["index"]]["prediction"] for row in rows]
+    side = Side(score(rows, replies) if rows else no_rows(), replies)
+    side.consult = {(v["index"], q): reply for v in vignettes for q, reply in records[v["index"]].items()}
+    return side
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -171,40 +260,68 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not adapters.is_adapter(args.model):
             raise SystemExit("--baseline without a value needs --model to be a LoRA adapter folder; "
                              "pass the base model path explicitly")
-    all_rows, read = load_rows(args.data, args.split)
-    rows = all_rows
+    matcher = Matcher(args.aliases)  # a bad alias file stops here, before any model loads
+    judge_endpoint = None
+    if args.judge_endpoint:  # so does a judge that cannot be reached; one that fails later only loses its rows
+        from medtune.eval import judge
+
+        judge_endpoint = judge.connect(args.judge_endpoint, args.judge_api_key, args.judge_model)
+    all_rows, read = load_data(args.data, args.split)
+    vignettes = [row for row in all_rows if consultation.is_vignette(row)]
+    rows = [row for row in all_rows if not consultation.is_vignette(row)]
     bad_predictions = 0
     if args.predictions:
-        replies, bad_predictions = read_predictions(args.predictions, read.rows_read)
-        rows = [{**row, "prediction": replies[row["index"]]} for row in rows]
+        records, bad_predictions = read_predictions(args.predictions, all_rows, read.rows_read)
     rows = select_rows(rows, args.max_samples, args.seed, args.max_samples_per_source)
-    if not rows:
-        raise SystemExit(f"no usable rows in {args.data} (skipped: {dict(read.skipped) or 'none'})")
-    header = {"model": args.model, "predictions": args.predictions, "data": args.data,
+    if not rows and not vignettes:
+        raise SystemExit(f"no usable rows in {' '.join(args.data)} (skipped: {dict(read.skipped) or 'none'})")
+    system_prompt = DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
+    header = {"model": args.model, "predictions": args.predictions,
+              "data": args.data[0] if len(args.data) == 1 else args.data,
               "split": args.split or "default", "rows": len(rows), "seed": args.seed,
               "max_samples": args.max_samples, "max_samples_per_source": args.max_samples_per_source}
-    base = base_replies = None
+    if vignettes:
+        header |= {"vignettes": len(vignettes), "system_prompt": system_prompt}
+    base = None
     failed: list[str] = []
     if args.predictions:
-        replies = [row["prediction"] for row in rows]
-        results = score(rows, replies)
+        tuned = _from_predictions(rows, vignettes, records)
     elif args.endpoint:
-        rows, replies, results, base_replies, base, remote, failed = _evaluate_endpoints(args, rows, all_rows)
+        rows, tuned, base, remote, failed = _evaluate_endpoints(args, rows, vignettes, all_rows, system_prompt)
         header |= remote
     else:
-        results, replies, base, base_replies, baseline = _evaluate_models(args, rows)
+        tuned, base, baseline = _evaluate_models(args, rows, vignettes, system_prompt)
         header |= {"baseline": baseline, "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}
         if adapters.is_adapter(args.model):  # which base weights the adapter ran on (medtune.inference.load_base)
             header["adapter_base"] = args.adapter_base if adapters.trained_quantization(args.model) else "original"
+    sides = [tuned] + ([base] if base else [])
+    comparison = None
+    if vignettes:
+        for side in sides:
+            side.read = consultation.read(vignettes, side.consult, matcher, side.likelihood)
+            side.results["families"]["consultation"] = consultation.score(vignettes, side.read)
+        if base:
+            comparison = consultation.compare(vignettes, tuned.read, base.read)
+            tuned.results["families"]["consultation"]["compared"] = comparison["mcnemar"]
+        for side in sides if judge_endpoint else ():
+            side.results["families"]["consultation"]["judge"] = judge.judge(judge_endpoint, vignettes, side.consult,
+                                                                           args.concurrency)
+    results = tuned.results
     results["rows"] = {"read": read.rows_read, "skipped": dict(read.skipped), "duplicates": read.duplicates,
                        "notes": dict(read.notes), "unusable_predictions": bad_predictions}
     if args.endpoint:
         results["rows"] |= {"failed": len(failed), "failed_examples": failed[:5]}
-    table = write_report(args.out, header, rows, replies, results, base, base_replies)
+    table = write_report(args.out, header, rows, tuned.replies, results, base and base.results,
+                         base and base.replies, vignettes, tuned.read, base and base.read, comparison)
     if args.wandb:
         log_wandb(table, header, args.wandb_project)
-    print(f"{len(rows)} rows of {args.data}:")
-    print(headline_table(results, base))
+    if rows:
+        print(f"{len(rows)} MedTuned rows:")
+        print(headline_table(results, base and base.results))
+    if vignettes:
+        print(f"consultation, {len(vignettes)} vignettes (system prompt: "
+              f"{'medtune-serve' if system_prompt == DEFAULT_SYSTEM_PROMPT else repr(system_prompt[:60])}):")
+        print(consultation_table(results, base and base.results))
     out = Path(args.out)
     print(f"every metric, per family and source: {out / 'eval.md'}; the report: {out / 'eval.json'}")
     if failed:
