@@ -134,3 +134,13 @@ def test_quality_benchmark_code_path(tmp_everything, tiny_model_dir):
         assert side["steps"] > 0 and side["curve"] and side["curve"][-1][0] >= 4
         assert side["final_loss"] == side["curve"][-1][2] and side["headlines"]
     assert json.loads((tmp_everything / "q.json").read_text())["base_loss"] == pytest.approx(result["base_loss"])
+
+
+def test_consultation_eval_benchmark_code_path(tiny_model_dir):
+    from bench import consultation_eval
+    from medtune import decoding
+
+    result = consultation_eval.main(["--model", str(tiny_model_dir), "--vignettes", "3", "--max-new-tokens", "2",
+                                     "--repeats", "1"])
+    assert [r["side"] for r in result["rows"]] == ["shared_prefix", "every_row"] and result["identical"]
+    assert decoding.SHARED_PREFIX_MIN == 32  # restored
