@@ -172,6 +172,7 @@ def log_cpu_affinity() -> None:
 
 def train(recipe: Recipe) -> TrainResult:
     from medtune import preemption, stop_signal
+    from medtune.model_card import write_adapter_card
 
     stop_signal.listen()  # before data preparation and model loading (launch/train.py does it before any import)
     try:
@@ -193,6 +194,7 @@ def train(recipe: Recipe) -> TrainResult:
         trainer.save_state()  # trainer_state.json: medtune-report reads it when there is no W&B run
         if trainer.is_world_process_zero():
             save_for_inference(output_dir, fmt, recipe)
+            write_adapter_card(output_dir)  # medtune's card over the one TRL's save_model wrote
         adapter = output_dir / "adapter_model.safetensors"
         if preemption.stop_requested(device):
             logger.warning("stop signal after the last step: adapter saved; generation eval and sample answer skipped")

@@ -9,7 +9,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from medtune.chat_format import ChatFormat
-from medtune.export import DISCLAIMER, export, main
+from medtune.export import export, main
+from medtune.model_card import DISCLAIMER
 from medtune.inference import load_for_inference
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -174,3 +175,40 @@ def test_eval_of_a_qlora_adapter_compares_it_with_the_original_base(qlora_adapte
     assert report["adapter_base"] == "as-trained"
     assert report["baseline"]["overall"]["loss"] == pytest.approx(mean_reply_loss(base, base_fmt, rows), abs=1e-5)
     assert report["overall"]["loss"] == pytest.approx(mean_reply_loss(tuned, fmt, rows), abs=1e-5)
+
+
+def test_the_adapter_card_names_every_dataset_with_its_licence_and_both_tables(adapter_dir, tmp_path):
+    import shutil
+
+    from medtune.model_card import write_adapter_card
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, folder)
+    (folder / "README.md").write_text("# Model Card for adapter\n\nfine-tuned version of [None]\n")  # TRL's
+    run_info = json.loads((folder / "run_info.json").read_text())
+    run_info["recipe"]["data"] = {"dataset_name": "nlpie/Llama2-MedTuned-Instructions",
+                                  "eval_dataset_name": "data/sample/medtuned_sample_eval.jsonl",
+                                  "consultation_eval_dataset": "/somewhere/clinic_vignettes.jsonl"}
+    (folder / "run_info.json").write_text(json.dumps(run_info))
+    report = json.loads((folder / "eval.json").read_text())
+    consult = {"n_triage": 48, "n_emergencies": 16, "safety": 0.5, "triage_accuracy": 0.25,
+               "emergency_recall": 0.75}
+    report["families"]["consultation"] = {"n": 48, "primary": "safety", "questions": {"consult": consult}}
+    report["baseline"]["families"]["consultation"] = {"n": 48, "primary": "safety", "questions": {
+        "consult": {**consult, "safety": 0.125, "emergency_recall": 0.8125}}}
+    (folder / "eval.json").write_text(json.dumps(report))
+
+    card = write_adapter_card(folder).read_text()
+    for expected in ("(LoRA adapter)", DISCLAIMER,
+                     "| `nlpie/Llama2-MedTuned-Instructions` | training | CC-BY-NC-4.0: non-commercial use only, "
+                     "and the tuned weights inherit it |",
+                     "| `data/sample/medtuned_sample_eval.jsonl` | evaluation | Apache-2.0 (written for medtune) |",
+                     "| `/somewhere/clinic_vignettes.jsonl` | consultation evaluation | not known to medtune",
+                     "**Licence of these weights:** CC-BY-NC-4.0", "| nli | accuracy | 4 | 0.25 | 0.75 |",
+                     "### Symptom consultation", "| consult | safety | 48 | 0.125 | 0.5 |",
+                     "| consult | emergency_recall | 16 | 0.8125 | 0.75 |", "From `configs/recipes/tiny.yaml`"):
+        assert expected in card
+    assert "[None]" not in card
+    metadata = ModelCard.load(folder / "README.md").data
+    assert metadata.license == "cc-by-nc-4.0" and metadata.datasets == ["nlpie/Llama2-MedTuned-Instructions"]
+    assert metadata.library_name == "peft"

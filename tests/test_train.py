@@ -54,6 +54,9 @@ def test_adapter_is_complete_and_reloads_to_the_same_logits(trained):
     assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
     assert (result.output_dir / "adapter_config.json").exists()
     assert (result.output_dir / "tokenizer_config.json").exists()
+    card = (result.output_dir / "README.md").read_text()  # medtune's card, not TRL's "fine-tuned version of [None]"
+    assert "[None]" not in card and "## Datasets and licences" in card and "not a doctor" in card
+    assert f"| `{recipe.data.dataset_name}` | training |" in card
 
     reloaded = PeftModel.from_pretrained(load_model(recipe), result.output_dir).eval()
     trained_model = result.model.eval()

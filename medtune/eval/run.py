@@ -324,6 +324,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(consultation_table(results, base and base.results))
     out = Path(args.out)
     print(f"every metric, per family and source: {out / 'eval.md'}; the report: {out / 'eval.json'}")
+    if args.model and adapters.is_adapter(args.model) and out.resolve() in (Path(args.model).resolve(),
+                                                                            Path(args.model).resolve().parent):
+        from medtune.model_card import write_adapter_card
+
+        print(f"model card with these results: {write_adapter_card(args.model)}")
     if failed:
         raise SystemExit(f"{len(failed)} row(s) got no reply and are not scored (first: {failed[0]}); eval.json "
                          "counts them under rows.failed; run the same command with --resume to retry them")
