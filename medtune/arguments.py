@@ -50,6 +50,15 @@ class DataArguments:
         metadata={"help": "Chat template (a Jinja string, or the path of a .jinja file) in place of the tokenizer's "
                   "own; it is saved with the adapter, so chat, serving and export use it too."},
     )
+    datasets: list[dict] | None = field(
+        default=None,
+        metadata={"help": "A mixture in place of dataset_name (TRL's `datasets:` recipe key): a list of entries "
+                  "{path, name, data_files, split, columns, fraction}, each read and counted on its own; fractions on "
+                  "all entries or none, no dataset oversampled (medtune/data/mixture.py). Set in the recipe file."},
+    )
+    eval_datasets: list[dict] | None = field(
+        default=None, metadata={"help": "A mixture of eval rows, entries as in `datasets` (eval_split is then unused)."}
+    )
     consultation_eval_dataset: str | None = field(
         default=None,
         metadata={"help": "A file of patient vignettes (docs/EVAL.md \"Consultation\"): at each evaluation the "

@@ -19,10 +19,12 @@ from pathlib import Path
 from trl import TrlParser
 
 from medtune.arguments import ARGUMENTS, STARLING, Recipe
+from medtune.data import mixture
 from medtune.data.rows import FILE_TYPES, data_format
 
 # Older TRL recipes (and the reference recipe) say max_seq_length; TRL now calls it max_length.
 KEY_ALIASES = {"max_seq_length": "max_length"}
+MIXTURE_KEYS = ("datasets", "eval_datasets")
 # Below this, a chat template's own tokens leave no room for a conversation (Starling's take 20 for one turn pair).
 MIN_LENGTH = 32
 
@@ -102,6 +104,10 @@ def parse_recipe(argv: list[str] | None = None, replace: dict | None = None) -> 
     for key in cli:
         if key not in _known_keys():
             raise _unknown_key_error(key, "command line")
+        if key in MIXTURE_KEYS:
+            raise ConfigError(f"{key} is a list of datasets: set it in the recipe file (docs/DATA.md \"Mixtures\")")
+    # A list of mappings is no argparse value: kept out of the parser and set on the parsed recipe as written.
+    mixtures = {key: values.pop(key) for key in MIXTURE_KEYS if key in values}
     _check_types(values, where)
     merged = {**values, **{k: v[-1] if v else True for k, v in cli.items()}}
     if _truthy(merged.get("fp16")) and _truthy(merged.get("bf16")):
@@ -117,6 +123,8 @@ def parse_recipe(argv: list[str] | None = None, replace: dict | None = None) -> 
     except ValueError as err:
         raise ConfigError(str(err)) from None
     recipe = Recipe(*parsed, path)
+    for key, value in mixtures.items():
+        setattr(recipe.data, key, value)
     _one_module_is_a_list(recipe.model)
     validate(recipe)
     return recipe
@@ -200,6 +208,12 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError("num_train_epochs and max_steps are both <= 0: set one of them")
     for key in ("dataset_name", "eval_dataset_name", "consultation_eval_dataset"):
         _check_data_source(key, getattr(d, key))
+    for key in MIXTURE_KEYS:
+        if getattr(d, key) is not None:
+            try:
+                mixture.parse(getattr(d, key), key)
+            except mixture.MixtureError as err:
+                raise ConfigError(str(err)) from None
     if d.consultation_eval_max_new_tokens < 1:
         raise ConfigError(f"consultation_eval_max_new_tokens={d.consultation_eval_max_new_tokens}: use 1 or more")
     _check_model_source(m.model_name_or_path)

@@ -60,6 +60,7 @@ class DataStats:
     packing_efficiency: float = 0.0
     fingerprint: str = ""
     formats: dict[str, str] = field(default_factory=dict)  # file -> row format (medtune.data.formats)
+    mixture: list[dict] = field(default_factory=list)  # per dataset of a mixture (medtune.data.mixture)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +71,7 @@ class DataStats:
                  ("moved_to_train", self.moved_to_train), ("shared_with_train", self.shared_with_train)) if v]
         extra += [f"{k}: {v}" for k, v in sorted(self.notes.items())]
         extra += [f"{Path(k).name}: {v}" for k, v in sorted(self.formats.items())]
+        extra += [f"{m['dataset']}: {m['rows_used']} of {m['rows_usable']} usable rows used" for m in self.mixture]
         return (
             f"{name}: read {self.rows_read} rows, kept {self.rows_kept}, skipped {sum(self.skipped.values())} "
             f"({skipped}), truncated {self.truncated}; {self.tokens} tokens ({self.loss_tokens} in the loss) packed "
@@ -145,7 +147,8 @@ def build_split(rows: list[dict], report: RowReport, fmt: ChatFormat, max_length
 
     stats = DataStats(rows_read=report.rows_read, fingerprint=fingerprint, notes=dict(report.notes),
                       duplicates=report.duplicates, moved_to_train=report.moved_to_train,
-                      shared_with_train=report.shared_with_train, formats=dict(report.formats))
+                      shared_with_train=report.shared_with_train, formats=dict(report.formats),
+                      mixture=list(report.mixture))
     input_ids, labels, samples = [], [], {}
     for row, ids, row_labels, cut in encode_rows(rows, fmt, max_length, overlong, completion_only_loss, stats, report):
         input_ids.append(ids)

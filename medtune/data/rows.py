@@ -63,11 +63,23 @@ class RowReport:
     shared_with_train: int = 0  # eval-split rows identical to a train row, counted only
     formats: dict[str, str] = field(default_factory=dict)  # file (or hub split) -> the row format it holds
     unread_files: list[str] = field(default_factory=list)  # files of a folder that are no data file medtune reads
+    mixture: list[dict] = field(default_factory=list)  # per dataset of a mixture: what was read, used, skipped
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
         if len(self.examples[reason]) < EXAMPLES_PER_REASON:
             self.examples[reason].append(where)
+
+    def add(self, other: "RowReport") -> None:
+        """Count another read (another file of a mixture, another --data) into this report."""
+        self.rows_read += other.rows_read
+        self.skipped.update(other.skipped)
+        for reason, examples in other.examples.items():
+            self.examples[reason] += examples[:EXAMPLES_PER_REASON - len(self.examples[reason])]
+        self.notes.update(other.notes)
+        self.duplicates += other.duplicates
+        self.formats.update(other.formats)
+        self.unread_files += other.unread_files
 
 
 def data_format(path: Path) -> str | None:
@@ -255,9 +267,16 @@ def _with_formats(pairs: Iterator[tuple[str, object]], name: str,
         yield where, raw, fmt or formats.INSTRUCTION
 
 
-def read_rows(source: str, split: str, config: str | None = None,
-              limit: int | None = None) -> tuple[list[dict], RowReport]:
-    """Clean rows of `source` (local file/folder: all rows; hub id: the named split) and the report."""
+def _columns(pairs: Iterator[tuple[str, object]], columns: list[str] | None) -> Iterator[tuple[str, object]]:
+    """The records with only `columns` kept (TRL's mixture `columns`: select_columns), before the format is read."""
+    for where, raw in pairs:
+        yield where, {k: raw[k] for k in columns if k in raw} if columns and isinstance(raw, dict) else raw
+
+
+def read_rows(source: str, split: str, config: str | None = None, limit: int | None = None,
+              columns: list[str] | None = None) -> tuple[list[dict], RowReport]:
+    """Clean rows of `source` (local file/folder: all rows; hub id: the named split) and the report; with
+    `columns`, only those columns of each record are read."""
     report = RowReport()
     if is_local(source):
         files, unread = scan_local(source)
@@ -267,9 +286,9 @@ def read_rows(source: str, split: str, config: str | None = None,
             logger.warning("%s: %d file(s) not read, not being %s: %s", source, len(unread), FILE_TYPES,
                            ", ".join(report.unread_files))
         records = (record for path in files
-                   for record in _with_formats(_iter_file(path, report), str(path), report))
+                   for record in _with_formats(_columns(_iter_file(path, report), columns), str(path), report))
     else:
-        records = _with_formats(_iter_hub(source, config, split), f"{source}[{split}]", report)
+        records = _with_formats(_columns(_iter_hub(source, config, split), columns), f"{source}[{split}]", report)
     rows, seen = [], set()
     for where, raw, fmt in records:
         if limit is not None and len(rows) >= limit:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from medtune.data import mixture
 from medtune.data.rows import RowReport, hub_splits, is_local, read_rows, row_key
 from medtune.data.select import select_rows
 
@@ -45,13 +46,20 @@ def hold_out(rows: list[dict], report: RowReport, size: float, max_rows: int | N
 def read_splits(recipe):
     """(train rows, train report, eval rows or None, eval report or None)."""
     d, seed = recipe.data, recipe.training.seed
-    train_rows, train_report = read_rows(d.dataset_name, d.train_split, d.dataset_config, d.max_train_samples)
+    if d.datasets:
+        train_rows, train_report = mixture.read(mixture.parse(d.datasets))
+        train_rows = train_rows[:d.max_train_samples]
+    else:
+        train_rows, train_report = read_rows(d.dataset_name, d.train_split, d.dataset_config, d.max_train_samples)
     eval_split = None if (d.eval_split or "none").lower() == "none" else d.eval_split
     if eval_split is None:
         return train_rows, train_report, None, None
-    if d.eval_dataset_name:
+    if d.eval_datasets:
+        eval_rows, eval_report = mixture.read(mixture.parse(d.eval_datasets, "eval_datasets"), "eval_datasets")
+    elif d.eval_dataset_name:
         eval_rows, eval_report = read_rows(d.eval_dataset_name, "train")
-    elif not is_local(d.dataset_name) and eval_split in hub_splits(d.dataset_name, d.dataset_config):
+    elif not d.datasets and not is_local(d.dataset_name) and eval_split in hub_splits(d.dataset_name,
+                                                                                       d.dataset_config):
         eval_rows, eval_report = read_rows(d.dataset_name, eval_split, d.dataset_config)
     elif d.eval_split_size > 0:
         logger.info("no %r split", eval_split)

@@ -69,11 +69,7 @@ def load_data(paths: Sequence[str], split: str | None) -> tuple[list[dict], RowR
     for path in paths:
         part, read = load_rows(path, split)
         rows += [{**row, "index": report.rows_read + row["index"]} for row in part]
-        report.rows_read += read.rows_read
-        report.skipped.update(read.skipped)
-        report.notes.update(read.notes)
-        report.duplicates += read.duplicates
-        report.formats.update(read.formats)
+        report.add(read)
     return rows, report
 
 
