@@ -67,6 +67,16 @@ class DataArguments:
     consultation_eval_max_new_tokens: int = field(
         default=96, metadata={"help": "Reply length of the consultation questions asked at each evaluation."}
     )
+    safety_regression: str = field(
+        default="warn",
+        metadata={"help": "With consultation_eval_dataset: when the tuned model under-triages more emergencies than "
+                  "its base by more than safety_tolerance, on any triage question, 'warn' or 'stop' (save a final "
+                  "checkpoint and end the run with the reason).", "choices": ["warn", "stop"]},
+    )
+    safety_tolerance: int = field(
+        default=0,
+        metadata={"help": "Emergencies the tuned model may under-triage beyond its base before the gate acts."},
+    )
 
 
 @dataclass

@@ -214,6 +214,10 @@ def validate(recipe: Recipe) -> None:
                 mixture.parse(getattr(d, key), key)
             except mixture.MixtureError as err:
                 raise ConfigError(str(err)) from None
+    if d.safety_regression not in ("warn", "stop"):
+        raise ConfigError(f"safety_regression={d.safety_regression!r}: use 'warn' or 'stop'")
+    if d.safety_tolerance < 0:
+        raise ConfigError(f"safety_tolerance={d.safety_tolerance}: use 0 or more emergencies")
     if d.consultation_eval_max_new_tokens < 1:
         raise ConfigError(f"consultation_eval_max_new_tokens={d.consultation_eval_max_new_tokens}: use 1 or more")
     _check_model_source(m.model_name_or_path)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from medtune.chat_format import ChatFormat
     from medtune.data import PreparedData
+    from medtune.eval.during_training import ConsultationEval
     from medtune.generation import Completion
     from medtune.preemption import PreemptionCallback
 
@@ -40,6 +41,7 @@ class TrainResult:
     log_history: list[dict]
     preempted: bool
     sample_answer: Completion | None
+    safety_stop: str | None = None  # why the consultation safety gate ended the run
 
 
 def build_trainer(recipe: Recipe, args: SFTConfig, tokenizer: PreTrainedTokenizerBase, prepared: PreparedData,
@@ -102,6 +104,7 @@ class Run:
     trainer: SFTTrainer
     resume: str | None  # checkpoint to resume from
     preemption: PreemptionCallback
+    consultation: ConsultationEval | None = None  # the consultation and its safety gate (consultation_eval_dataset)
 
 
 def build_run(recipe: Recipe) -> Run:
@@ -130,13 +133,14 @@ def build_run(recipe: Recipe) -> Run:
     if recipe.data.consultation_eval_dataset:  # read before the model loads: a bad file stops the run here
         from medtune.eval.during_training import ConsultationEval, load_vignettes
 
-        consult = ConsultationEval(fmt, load_vignettes(recipe.data.consultation_eval_dataset),
-                                   recipe.data.consultation_eval_max_new_tokens, args.per_device_eval_batch_size)
+        d = recipe.data
+        consult = ConsultationEval(fmt, load_vignettes(d.consultation_eval_dataset), d.consultation_eval_max_new_tokens,
+                                   args.per_device_eval_batch_size, d.safety_regression, d.safety_tolerance)
         callbacks.insert(0, consult)  # the preemption callback stays last
     trainer = build_trainer(recipe, args, fmt.tokenizer, prepared, load_model(recipe), callbacks)
     if consult is not None:
         consult.trainer = trainer
-    return Run(fmt, prepared, trainer, resume, preemption)
+    return Run(fmt, prepared, trainer, resume, preemption, consult)
 
 
 def save_for_inference(output_dir: Path, fmt: ChatFormat, recipe: Recipe) -> None:
@@ -205,7 +209,8 @@ def train(recipe: Recipe) -> TrainResult:
         prompt = recipe.after_training.sample_prompt
         answer = answer_sample(trainer.model, fmt, prompt) if prompt else None
         trainer.accelerator.wait_for_everyone()
-        return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, answer)
+        return TrainResult(output_dir, trainer.model, adapter, trainer.state.log_history, False, answer,
+                           run.consultation.stopped if run.consultation else None)
     finally:
         stop_signal.restore()
 
@@ -219,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     result = train(recipe)
     if result.preempted:
         sys.exit(EXIT_PREEMPTED)
+    if result.safety_stop:
+        sys.exit(f"medtune: {result.safety_stop}. The adapter of that step is in {result.output_dir}; set "
+                 "safety_regression: warn to train on regardless.")
     if result.sample_answer is not None and recipe.training.process_index == 0:
         losses = [e["loss"] for e in result.log_history if "loss" in e]
         if losses:

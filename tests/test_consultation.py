@@ -215,3 +215,13 @@ def test_likelihood_with_a_shared_prompt_cache_equals_scoring_each_reply_alone(f
     alone = reply_losses(model, fmt, [{"messages": [*p, {"role": "assistant", "content": o}]} for p in prompts
                                       for o in options], batch_size=1)
     assert [x for row in shared for x in row] == pytest.approx([nll for nll, _ in alone], rel=1e-4)
+
+
+def test_the_gate_compares_under_triaged_emergencies_per_question_with_a_tolerance():
+    from medtune.eval.during_training import regressions
+
+    base = {"questions": {"consult": {"under_triaged_emergencies": 5}, "likelihood": {"under_triaged_emergencies": 2}}}
+    tuned = {"questions": {"consult": {"under_triaged_emergencies": 6}, "likelihood": {"under_triaged_emergencies": 2},
+                           "triage": {"under_triaged_emergencies": 16}}}  # no base number for triage: not compared
+    assert regressions(tuned, base, 0) == {"consult": (6, 5)}
+    assert regressions(tuned, base, 1) == {}

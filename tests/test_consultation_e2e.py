@@ -169,6 +169,42 @@ def test_training_logs_the_consultation_at_each_evaluation(tiny_args, vignettes)
         assert 0 <= entry["eval_consultation_triage_triage_accuracy"] <= 1
         assert entry["eval_consultation_likelihood_unparsed"] == 0
         assert "eval_consultation_consult_emergency_recall" in entry
+        assert "eval_consultation_base_consult_emergency_recall" in entry  # the base's, measured before step 1
+    assert logged[0]["eval_consultation_base_consult_safety"] == logged[1]["eval_consultation_base_consult_safety"]
+    assert result.safety_stop is None
+
+
+@pytest.mark.slow
+def test_the_safety_gate_stops_a_run_that_makes_the_model_miss_emergencies(tiny_args, tmp_path):
+    """Trained to answer "Self-care" to the triage question of every emergency, the tiny model's likelihood triage
+    stops recognising the emergencies its random base recognised: the gate ends the run with the step's adapter."""
+    from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
+    from medtune.config import parse_recipe
+    from medtune.data.vignettes import EMERGENCY
+    from medtune.eval import consultation
+    from medtune.train import main, train
+
+    rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
+    emergencies = [r for r in rows if r["triage"] == EMERGENCY]
+    vignettes = tmp_path / "emergencies.jsonl"
+    vignettes.write_text("".join(json.dumps(r) + "\n" for r in emergencies))
+    unsafe = tmp_path / "unsafe.jsonl"
+    unsafe.write_text("".join(json.dumps({"messages": [
+        *consultation.prompt({**r, "index": 0}, consultation.TRIAGE, DEFAULT_SYSTEM_PROMPT),
+        {"role": "assistant", "content": "Self-care"}]}) + "\n" for r in emergencies))
+    args = [*tiny_args, "--dataset_name", str(unsafe), "--eval_dataset_name", str(unsafe), "--max_steps", "40",
+            "--eval_steps", "10", "--learning_rate", "2e-2", "--logging_steps", "10", "--generation_eval_samples", "0",
+            "--sample_prompt", "", "--consultation_eval_dataset", str(vignettes),
+            "--consultation_eval_max_new_tokens", "2", "--safety_regression", "stop"]
+    result = train(parse_recipe(args))
+    logged = [e for e in result.log_history if "eval_consultation_likelihood_under_triaged_emergencies" in e]
+    assert logged[0]["eval_consultation_base_likelihood_under_triaged_emergencies"] < 16  # the base found some
+    assert result.safety_stop and "likelihood: 16 against" in result.safety_stop
+    assert logged[-1]["step"] < 40  # stopped at the evaluation that saw it
+    assert (result.output_dir / "adapter_model.safetensors").is_file()
+    assert (result.output_dir / f"checkpoint-{logged[-1]['step']}").is_dir()
+    with pytest.raises(SystemExit, match="safety gate at step .*set safety_regression: warn"):
+        main([*args, "--output_dir", str(tmp_path / "again")])
 
 
 def test_a_consultation_eval_file_without_vignettes_stops_the_run_before_the_model_loads(tiny_args, tmp_path):
