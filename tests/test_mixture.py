@@ -114,3 +114,58 @@ def test_a_mixture_trains_and_reports_each_dataset(three_files, tiny_args, fmt, 
 def test_a_mixture_on_the_command_line_is_refused_with_where_to_set_it(tiny_args):
     with pytest.raises(ConfigError, match="datasets is a list of datasets: set it in the recipe file"):
         parse_recipe([*tiny_args, "--datasets", "data.jsonl"])
+
+
+@pytest.mark.slow
+def test_replay_asks_the_base_model_once_and_reads_its_replies_back(tmp_path, monkeypatch, sample_train_file):
+    """SmolLM2-135M-Instruct's own greedy replies to a few prompts, mixed with the sample: generated once, then read
+    from the replay cache (a changed fraction rebuilds the data, not the replies); a run stopped part-way keeps
+    what it generated."""
+    from medtune.data import replay
+    from medtune.model import load_chat_format
+
+    prompts = tmp_path / "prompts.jsonl"
+    questions = ["Hi, who are you?", "Can I take paracetamol with a cold?", "What is a normal temperature?",
+                 "Thank you!"]
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions) + '{"text": "no prompt"}\n')
+
+    def recipe(fraction: float):
+        return parse_recipe(["--config", "configs/recipes/demo.yaml", "--output_dir", str(tmp_path / "out"),
+                             "--data_cache_dir", str(tmp_path / "cache")],
+                            replace={"datasets": [{"path": str(sample_train_file), "fraction": fraction},
+                                                  {"replay": {"prompts": str(prompts), "max_new_tokens": 64},
+                                                   "fraction": 1 - fraction}]})
+
+    asked = []
+    generate = replay._generate
+    monkeypatch.setattr(replay, "_generate", lambda r, todo, *a: asked.append(list(todo)) or generate(r, todo, *a))
+    first = recipe(0.9)
+    # a run interrupted after the first prompt: its reply is in the cache file
+    generate(first, questions[:1], 64, replay.cache_file(first, 64))
+    prepared = prepare_dataset(first, load_chat_format(first))
+    assert asked == [questions[1:]]  # only what was missing
+    counts = prepared.stats.mixture[1]
+    assert counts["dataset"] == f"replay of {prompts}" and counts["rows_read"] == 5
+    assert counts["skipped"].get("missing_prompt") == 1
+    assert counts["rows_usable"] + counts["skipped"].get("replay_cut_at_max_new_tokens", 0) == 4
+    assert counts["rows_used"] >= 1
+    cached = [json.loads(line) for line in replay.cache_file(first, 64).read_text().splitlines()]
+    assert [c["prompt"] for c in cached] == questions and all(c["reply"] for c in cached)
+
+    asked.clear()
+    second = recipe(0.8)
+    prepare_dataset(second, load_chat_format(second))  # another fraction: the data is rebuilt ...
+    assert asked == []  # ... from the replies already generated
+
+
+def test_a_replay_entry_is_checked_at_validation(tiny_args, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": "no prompt here"}\n')
+    with pytest.raises(ConfigError, match=r"datasets\[0\]: replay prompts .*missing.jsonl: no such file"):
+        parse_recipe(tiny_args, replace={"datasets": [{"replay": {"prompts": str(tmp_path / "missing.jsonl")}}]})
+    with pytest.raises(ConfigError, match=r"datasets\[0\]: a replay entry has .* and `fraction` only"):
+        parse_recipe(tiny_args, replace={"datasets": [{"replay": {"prompts": str(empty)}, "path": "x"}]})
+    from medtune.data.replay import replay_rows
+
+    with pytest.raises(ValueError, match="empty.jsonl: no usable prompt"):
+        replay_rows({"prompts": str(empty)}, parse_recipe(tiny_args))

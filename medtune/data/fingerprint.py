@@ -36,13 +36,15 @@ def source_fingerprint(source: str, config: str | None) -> str:
     return f"{source}|{config}|{builder.hash}"
 
 
-def mixture_fingerprint(entries: list[dict], key: str = "datasets") -> list:
-    """Every entry's content and settings (fraction, columns, split, ...): changing any one rebuilds."""
+def mixture_fingerprint(entries: list[dict], key: str = "datasets", model: list | None = None) -> list:
+    """Every entry's content and settings (fraction, columns, split, ...): changing any one rebuilds; a replay's
+    replies also depend on the base `model` (its path and revision)."""
     from dataclasses import astuple
 
     from medtune.data import mixture
 
-    return [[astuple(e), [source_fingerprint(s, e.name) for s in e.sources()]] for e in mixture.parse(entries, key)]
+    return [[astuple(e), [source_fingerprint(s, e.name) for s in e.sources()], model if e.replay else None]
+            for e in mixture.parse(entries, key)]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -62,8 +64,8 @@ def fingerprint(recipe, fmt) -> str:
     d, t = recipe.data, recipe.training
     parts = {
         "version": PIPELINE_VERSION,
-        "train": mixture_fingerprint(d.datasets) if d.datasets else source_fingerprint(d.dataset_name,
-                                                                                      d.dataset_config),
+        "train": mixture_fingerprint(d.datasets, model=[recipe.model.model_name_or_path, recipe.model.model_revision])
+        if d.datasets else source_fingerprint(d.dataset_name, d.dataset_config),
         "eval": mixture_fingerprint(d.eval_datasets, "eval_datasets") if d.eval_datasets else
         source_fingerprint(d.eval_dataset_name, None) if d.eval_dataset_name else None,
         "splits": [d.train_split, d.eval_split, d.eval_split_size, d.max_train_samples, d.max_eval_samples, t.seed],

@@ -9,10 +9,13 @@
       - path: my_clinic                                # a folder ...
         data_files: [conversations.jsonl]              # ... and the files in it to read
         columns: [messages]
-        fraction: 0.1
+        fraction: 0.05
+      - replay: {prompts: data/prompts/health_questions.jsonl}   # the base model's own replies (medtune.data.replay)
+        fraction: 0.05
 
 Entry keys: `path`, `name` (hub configuration), `data_files`, `split` (default train), `columns` (only these columns
-of each record are read), `fraction`. Fractions are set on every entry or on none: set, they are normalised to sum
+of each record are read), `fraction`; or, in place of `path`, medtune's `replay: {prompts: FILE[, max_new_tokens]}`.
+Fractions are set on every entry or on none: set, they are normalised to sum
 to one and the mixture is the largest that oversamples no dataset (the first round(fraction x N) usable rows of
 each, N the largest size every dataset can fill); unset, the datasets are concatenated. Unlike TRL's
 `load_dataset`, each entry goes through medtune's own row reading (medtune.data.rows): format detected per file,
@@ -26,6 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 from medtune.data.rows import RowReport, read_rows
 
@@ -44,14 +48,19 @@ class Entry:
     split: str = "train"
     columns: list[str] | None = None
     fraction: float | None = None
+    replay: dict | None = None  # {prompts, max_new_tokens}: the base model's replies (medtune.data.replay)
 
     @property
     def label(self) -> str:
+        if self.replay:
+            return f"replay of {self.replay['prompts']}"
         return self.path + (f" [{', '.join(self.data_files)}]" if self.data_files else "") + (
             f" ({self.name})" if self.name else "")
 
     def sources(self) -> list[str]:
-        """What to read: `data_files` (inside `path` when it is a local folder), else `path`."""
+        """What to read: `data_files` (inside `path` when it is a local folder), else `path`; a replay's prompts."""
+        if self.replay:
+            return [self.replay["prompts"]]
         if not self.data_files:
             return [self.path]
         folder = Path(self.path).expanduser()
@@ -73,7 +82,10 @@ def parse(entries: object, key: str = "datasets") -> list[Entry]:
         unknown = sorted(set(raw) - set(KEYS))
         if unknown:
             raise MixtureError(f"{where}: unknown key(s) {', '.join(unknown)}; an entry has {', '.join(KEYS)}")
-        if not isinstance(raw.get("path"), str) or not raw["path"]:
+        replay = raw.get("replay")
+        if replay is not None:
+            _check_replay(replay, where, raw)
+        elif not isinstance(raw.get("path"), str) or not raw["path"]:
             raise MixtureError(f"{where}: `path` (a hub dataset id, a local file or folder) is required")
         files = raw.get("data_files")
         files = [files] if isinstance(files, str) else files
@@ -86,7 +98,8 @@ def parse(entries: object, key: str = "datasets") -> list[Entry]:
         if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
                                      or fraction <= 0):
             raise MixtureError(f"{where}: `fraction` must be a number above 0, got {fraction!r}")
-        entry = Entry(raw["path"], raw.get("name"), files, raw.get("split") or "train", columns, fraction)
+        entry = Entry(raw.get("path", ""), raw.get("name"), files, raw.get("split") or "train", columns, fraction,
+                      replay)
         for source in entry.sources():
             path = Path(source).expanduser()
             if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1 or path.suffix):
@@ -100,7 +113,24 @@ def parse(entries: object, key: str = "datasets") -> list[Entry]:
     return parsed
 
 
-def _read(entry: Entry) -> tuple[list[dict], RowReport]:
+def _check_replay(replay: object, where: str, raw: dict) -> None:
+    if not isinstance(replay, dict) or not isinstance(replay.get("prompts"), str):
+        raise MixtureError(f"{where}: `replay` is {{prompts: FILE[, max_new_tokens: N]}}, FILE JSON lines with a "
+                           "string 'prompt'")
+    if set(raw) - {"replay", "fraction"} or set(replay) - {"prompts", "max_new_tokens"}:
+        raise MixtureError(f"{where}: a replay entry has `replay: {{prompts, max_new_tokens}}` and `fraction` only")
+    if not Path(replay["prompts"]).expanduser().is_file():
+        raise MixtureError(f"{where}: replay prompts {replay['prompts']}: no such file")
+    tokens = replay.get("max_new_tokens", 1)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise MixtureError(f"{where}: replay max_new_tokens must be a whole number of at least 1, got {tokens!r}")
+
+
+def _read(entry: Entry, replay: Callable | None) -> tuple[list[dict], RowReport]:
+    if entry.replay:
+        if replay is None:
+            raise MixtureError(f"{entry.label}: a replay needs the base model (a training recipe)")
+        return replay(entry.replay)
     rows, report = [], RowReport()
     for source in entry.sources():
         part, read_report = read_rows(source, entry.split, entry.name, columns=entry.columns)
@@ -109,9 +139,11 @@ def _read(entry: Entry) -> tuple[list[dict], RowReport]:
     return rows, report
 
 
-def read(entries: list[Entry], key: str = "datasets") -> tuple[list[dict], RowReport]:
-    """(the mixture's rows, one report of everything read and skipped, with one count per entry in `mixture`)."""
-    parts = [(entry, *_read(entry)) for entry in entries]
+def read(entries: list[Entry], key: str = "datasets",
+         replay: Callable[[dict], tuple[list[dict], RowReport]] | None = None) -> tuple[list[dict], RowReport]:
+    """(the mixture's rows, one report of everything read and skipped, with one count per entry in `mixture`).
+    `replay` makes a replay entry's rows (medtune.data.replay.replay_rows for the recipe's base model)."""
+    parts = [(entry, *_read(entry, replay)) for entry in entries]
     for i, (entry, rows, _) in enumerate(parts):
         if not rows:
             raise MixtureError(f"{key}[{i}] {entry.label}: no usable rows (check its format and columns)")

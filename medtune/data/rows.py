@@ -145,6 +145,11 @@ def _without_bom(data: bytes, path: Path, report: RowReport) -> bytes:
     return data
 
 
+def readable(record: object) -> bool:
+    """False for what json_lines yields for a line it could not parse (already counted in its report)."""
+    return record is not _UNREADABLE
+
+
 def json_lines(path: Path, report: RowReport) -> Iterator[tuple[str, object]]:
     """(location, parsed record or _UNREADABLE) per non-blank line of a JSON-lines file."""
     yield from _json_lines(_without_bom(read_bytes(path), path, report), path, report)
