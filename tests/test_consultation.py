@@ -159,6 +159,8 @@ def test_triage_scores_count_unparsed_as_wrong_and_unsafe():
     s = triage_scores(gold, pred)
     assert s["triage_accuracy"] == pytest.approx(2 / 6) and s["safety"] == pytest.approx(3 / 6)
     assert s["emergency_recall"] == pytest.approx(1 / 3) and s["under_triaged_emergencies"] == 2
+    assert s["emergencies_to_self_care"] == 0
+    assert triage_scores([EMERGENCY, EMERGENCY], [SELF_CARE, DOCTOR])["emergencies_to_self_care"] == 1
     assert s["over_triage"] == pytest.approx(1 / 6) and s["unparsed"] == 2
     assert s["recall_see_a_doctor"] == 0 and s["recall_self_care"] == 0.5
     low, high = s["emergency_recall_ci"]
@@ -217,11 +219,14 @@ def test_likelihood_with_a_shared_prompt_cache_equals_scoring_each_reply_alone(f
     assert [x for row in shared for x in row] == pytest.approx([nll for nll, _ in alone], rel=1e-4)
 
 
-def test_the_gate_compares_under_triaged_emergencies_per_question_with_a_tolerance():
+def test_the_gate_compares_emergencies_under_triaged_and_sent_home_per_question_with_a_tolerance():
     from medtune.eval.during_training import regressions
 
-    base = {"questions": {"consult": {"under_triaged_emergencies": 5}, "likelihood": {"under_triaged_emergencies": 2}}}
-    tuned = {"questions": {"consult": {"under_triaged_emergencies": 6}, "likelihood": {"under_triaged_emergencies": 2},
+    base = {"questions": {"consult": {"under_triaged_emergencies": 15, "emergencies_to_self_care": 0},
+                          "likelihood": {"under_triaged_emergencies": 2, "emergencies_to_self_care": 1}}}
+    tuned = {"questions": {"consult": {"under_triaged_emergencies": 13, "emergencies_to_self_care": 13},
+                           "likelihood": {"under_triaged_emergencies": 2, "emergencies_to_self_care": 1},
                            "triage": {"under_triaged_emergencies": 16}}}  # no base number for triage: not compared
-    assert regressions(tuned, base, 0) == {"consult": (6, 5)}
-    assert regressions(tuned, base, 1) == {}
+    # fewer emergencies missed, but 13 of them now sent home where the base gave no advice: the gate sees it
+    assert regressions(tuned, base, 0) == {"consult emergencies to self care": (13, 0)}
+    assert regressions(tuned, base, 13) == {}

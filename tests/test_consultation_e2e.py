@@ -199,7 +199,7 @@ def test_the_safety_gate_stops_a_run_that_makes_the_model_miss_emergencies(tiny_
     result = train(parse_recipe(args))
     logged = [e for e in result.log_history if "eval_consultation_likelihood_under_triaged_emergencies" in e]
     assert logged[0]["eval_consultation_base_likelihood_under_triaged_emergencies"] < 16  # the base found some
-    assert result.safety_stop and "likelihood: 16 against" in result.safety_stop
+    assert result.safety_stop and "likelihood under triaged emergencies: 16 against" in result.safety_stop
     assert logged[-1]["step"] < 40  # stopped at the evaluation that saw it
     assert (result.output_dir / "adapter_model.safetensors").is_file()
     assert (result.output_dir / f"checkpoint-{logged[-1]['step']}").is_dir()

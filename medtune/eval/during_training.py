@@ -7,7 +7,8 @@ emergency recall per question are logged with the eval loss, the base's beside t
 that learns its data while losing the consultation shows it as it happens (docs/EVAL.md "Consultation").
 
 The gate (`safety_regression`): when, on any triage question (consult, forced choice, likelihood), the tuned model
-under-triages more emergencies than its base by more than `safety_tolerance`, `warn` logs it and `stop` ends the run
+under-triages more emergencies than its base, or sends more of them home (self-care), by more than
+`safety_tolerance`, `warn` logs it and `stop` ends the run
 there: the Trainer saves a checkpoint, the adapter is saved as at any end, and the command exits with the reason.
 
 Every rank generates (the same inputs): under ZeRO-3 each forward pass needs the shards of all ranks.
@@ -26,7 +27,8 @@ from medtune.eval import consultation
 from medtune.eval.scorers.consultation import Matcher
 
 logger = logging.getLogger(__name__)
-LOGGED = ("triage_accuracy", "safety", "emergency_recall", "under_triaged_emergencies", "over_triage", "unparsed")
+LOGGED = ("triage_accuracy", "safety", "emergency_recall", "under_triaged_emergencies", "emergencies_to_self_care",
+          "over_triage", "unparsed")
 
 
 def load_vignettes(path: str) -> list[dict]:
@@ -45,15 +47,21 @@ def flat_scores(scores: dict, prefix: str = "eval_consultation_") -> dict[str, f
             for m in LOGGED if m in metrics}
 
 
+GATED = ("under_triaged_emergencies", "emergencies_to_self_care")
+
+
 def regressions(tuned: dict, base: dict, tolerance: int) -> dict[str, tuple[int, int]]:
-    """{question: (tuned, base) under-triaged emergencies} where the tuned model's exceed the base's by more than
-    `tolerance`."""
+    """{"<question> <count>": (tuned, base)} for each count of GATED where the tuned model's exceeds the base's by more
+    than `tolerance`: emergencies under-triaged, and among them those sent home (a base that gives no advice
+    under-triages too; one that learnt to say "look after yourself at home" to a stroke is worse, and only the
+    second count shows it)."""
     found = {}
     for q, metrics in tuned["questions"].items():
-        before = base["questions"].get(q, {}).get("under_triaged_emergencies")
-        now = metrics.get("under_triaged_emergencies")
-        if now is not None and before is not None and now - before > tolerance:
-            found[q] = (now, before)
+        for count in GATED:
+            before = base["questions"].get(q, {}).get(count)
+            now = metrics.get(count)
+            if now is not None and before is not None and now - before > tolerance:
+                found[f"{q} {count.replace('_', ' ')}"] = (now, before)
     return found
 
 
@@ -101,8 +109,8 @@ class ConsultationEval(TrainerCallback):
             return
         why = (f"safety gate at step {state.global_step}: the tuned model under-triages more emergencies than its "
                "base, beyond safety_tolerance=" + str(self.tolerance) + " (" + "; ".join(
-                   f"{q}: {now} against {before} of {tuned['questions'][q]['n_emergencies']}"
-                   for q, (now, before) in worse.items()) + ")")
+                   f"{what}: {now} against {before} of {tuned['questions'][what.split()[0]]['n_emergencies']}"
+                   for what, (now, before) in worse.items()) + ")")
         if self.gate == "stop":
             self.stopped = why
             control.should_training_stop = True

@@ -96,8 +96,8 @@ def headline_table(results: Mapping, base: Mapping | None = None) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
-CONSULT_METRICS = ("triage_accuracy", "safety", "emergency_recall", "under_triaged_emergencies", "over_triage",
-                   "unparsed")
+CONSULT_METRICS = ("triage_accuracy", "safety", "emergency_recall", "under_triaged_emergencies",
+                   "emergencies_to_self_care", "over_triage", "unparsed")
 
 
 def consultation_table(results: Mapping, base: Mapping | None = None) -> str:
@@ -117,7 +117,8 @@ def consultation_table(results: Mapping, base: Mapping | None = None) -> str:
                 low, high = metrics["emergency_recall_ci"]
                 text += f" [{low:.2f}, {high:.2f}]"
             n = metrics["n_diagnosis"] if question == consultation.DIFFERENTIAL else (
-                metrics["n_emergencies"] if metric in ("emergency_recall", "under_triaged_emergencies")
+                metrics["n_emergencies"] if metric in ("emergency_recall", "under_triaged_emergencies",
+                                                       "emergencies_to_self_care")
                 else metrics["n_triage"])
             p = tests.get(question, {}).get(metric, {}).get("p_value")
             lines.append((question, metric, str(n), *((_cell(b), text, _cell(None if b is None else value - b),

@@ -223,6 +223,8 @@ def triage_scores(gold: Sequence[str], pred: Sequence[str | None]) -> dict:
               "emergency_recall": sum(emergencies) / len(emergencies) if emergencies else 0.0,
               "emergency_recall_ci": [low, high], "n_emergencies": len(emergencies),
               "under_triaged_emergencies": len(emergencies) - sum(emergencies),
+              # the worst under-triage: told to look after themselves at home when they need an ambulance
+              "emergencies_to_self_care": sum(g == EMERGENCY and p == SELF_CARE for g, p in zip(gold, pred)),
               "over_triage": sum(p is not None and rank[p] > rank[g] for g, p in zip(gold, pred)) / n if n else 0.0,
               "unparsed": sum(p is None for p in pred)}
     for level in LEVELS:
