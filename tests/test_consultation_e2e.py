@@ -95,6 +95,31 @@ def test_endpoint_mode_asks_the_same_messages_and_gets_the_local_replies(tiny_mo
     assert report(remote)["families"]["consultation"]["questions"] == without_likelihood
 
 
+@pytest.mark.slow
+def test_base_against_tuned_through_two_live_servers_equals_the_local_comparison(random_adapter_dir, tiny_model_dir,
+                                                                                  vignettes, tmp_path):
+    args = ["--data", str(vignettes), "--max-new-tokens", "6", "--batch-size", "8"]
+    run.main(["--model", str(random_adapter_dir), "--baseline", str(tiny_model_dir), "--device", "cpu", *args,
+              "--out", str(tmp_path / "local")])
+
+    def server(path):
+        return LocalServer(create_app(LocalBackend(*load_for_inference(path, device="cpu"), "m", max_batch_size=8),
+                                      ServerSettings()))
+
+    with server(random_adapter_dir) as tuned, server(tiny_model_dir) as base:
+        run.main(["--endpoint", tuned.url + "/v1", "--baseline-endpoint", base.url + "/v1", *args,
+                  "--out", str(tmp_path / "remote")])
+    local, remote = report(tmp_path / "local"), report(tmp_path / "remote")
+    for side in (lambda r: r["families"], lambda r: r["baseline"]["families"]):
+        assert {q: m for q, m in side(local)["consultation"]["questions"].items() if q != "likelihood"} == \
+            side(remote)["consultation"]["questions"]
+    mine, theirs = consultation_records(tmp_path / "local"), consultation_records(tmp_path / "remote")
+    assert [(m["prediction"], m["base_prediction"]) for m in mine.values()] == [
+        (theirs[k]["prediction"], theirs[k]["base_prediction"]) for k in mine]
+    assert remote["consultation_regressions"] == [
+        r for r in local["consultation_regressions"] if r["question"] != "likelihood"]
+
+
 def judge_app(fail_diagnosis: bool = False) -> FastAPI:
     """A live OpenAI-compatible judge: it answers "see a doctor" to every level question and "close" to every
     diagnosis question (HTTP 500 instead when `fail_diagnosis`)."""
