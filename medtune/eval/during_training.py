@@ -87,6 +87,10 @@ class ConsultationEval(TrainerCallback):
         return consultation.score(asked, consultation.read(asked, replies, self.matcher, likelihood))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.eval_strategy == "no":
+            logger.warning("consultation_eval_dataset is set but the run never evaluates (eval_strategy: no, or no "
+                           "eval rows): the consultation is not measured and the safety gate cannot act")
+            return
         # The base is the model with its adapter switched off: right on a resumed run too.
         with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
             self.base = self.scores(model)
