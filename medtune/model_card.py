@@ -119,11 +119,9 @@ def _consultation(report: dict) -> list[dict]:
     """The consultation's headline numbers per question, tuned and base."""
     tuned = report.get("families", {}).get("consultation", {}).get("questions", {})
     base = report.get("baseline", {}).get("families", {}).get("consultation", {}).get("questions", {})
-    def n(question: dict, metric: str):
-        return question.get("n_diagnosis" if metric.startswith("top") else
-                            "n_emergencies" if metric == "emergency_recall" else "n_triage")
+    from medtune.eval.consultation import metric_n
 
-    return [{"name": q, "metric": m, "n": n(tuned[q], m),
+    return [{"name": q, "metric": m, "n": metric_n(tuned[q], m),
              "value": _fmt(tuned[q][m]), "base": _fmt(base.get(q, {}).get(m))}
             for q, m in CONSULTATION_ROWS if m in tuned.get(q, {})]
 

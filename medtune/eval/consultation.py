@@ -34,6 +34,17 @@ LEVEL_REPLIES = {EMERGENCY: "Emergency", DOCTOR: "See a doctor", SELF_CARE: "Sel
 TRIAGE_MAX_NEW_TOKENS = 16  # a forced choice; room for "Emergency. Call ..." but not an essay
 
 
+EMERGENCY_COUNTS = ("emergency_recall", "under_triaged_emergencies", "emergencies_to_self_care")
+
+
+def metric_n(metrics: Mapping, metric: str) -> int:
+    """How many cases one question's metric is computed on: the diagnoses for top-k, the emergencies for the
+    emergency counts, else the cases with a level."""
+    if metric.startswith("top"):
+        return int(metrics["n_diagnosis"])
+    return int(metrics["n_emergencies"] if metric in EMERGENCY_COUNTS else metrics["n_triage"])
+
+
 def is_vignette(row: Mapping) -> bool:
     return "case" in row and "diagnosis" in row
 

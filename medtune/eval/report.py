@@ -30,7 +30,7 @@ SUBSET_N = {"medmcqa_accuracy": ("n_medmcqa",), "pubmedqa_accuracy": ("n_pubmedq
 
 def _n(metrics: Mapping, metric: str) -> int:
     if "n_triage" in metrics or "n_diagnosis" in metrics:  # a consultation question
-        return int(metrics["n_diagnosis"] if metric.startswith("top") else metrics.get("n_triage", 0))
+        return consultation.metric_n(metrics, metric)
     subset = SUBSET_N.get(metric, ())
     return int(sum(metrics[k] for k in subset) if subset and all(k in metrics for k in subset) else metrics["n"])
 
@@ -116,10 +116,7 @@ def consultation_table(results: Mapping, base: Mapping | None = None) -> str:
             if metric == "emergency_recall":
                 low, high = metrics["emergency_recall_ci"]
                 text += f" [{low:.2f}, {high:.2f}]"
-            n = metrics["n_diagnosis"] if question == consultation.DIFFERENTIAL else (
-                metrics["n_emergencies"] if metric in ("emergency_recall", "under_triaged_emergencies",
-                                                       "emergencies_to_self_care")
-                else metrics["n_triage"])
+            n = consultation.metric_n(metrics, metric)
             p = tests.get(question, {}).get(metric, {}).get("p_value")
             lines.append((question, metric, str(n), *((_cell(b), text, _cell(None if b is None else value - b),
                                                       "–" if p is None else f"{p:.3g}") if base else (text,))))

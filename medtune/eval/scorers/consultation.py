@@ -41,7 +41,6 @@ ADVICE_PHRASES = {
         r"accident and emergency|a ?& ?e)\b",
         r"\b(?:immediate|emergency) (?:medical )?(?:attention|help|care|treatment)\b",
         r"\bmedical emergency\b", r"\b(?:this|it|that) (?:is|could be|may be|might be|sounds like) an emergency\b",
-        r"\bcall (?:an ambulance|999|911|112)\b",
     ],
     DOCTOR: [
         r"\b(?:see|consult|visit|contact|call|speak (?:to|with)|talk (?:to|with)|check with|make an appointment "
