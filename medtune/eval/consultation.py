@@ -34,6 +34,9 @@ LEVEL_REPLIES = {EMERGENCY: "Emergency", DOCTOR: "See a doctor", SELF_CARE: "Sel
 TRIAGE_MAX_NEW_TOKENS = 16  # a forced choice; room for "Emergency. Call ..." but not an essay
 
 
+# The triage scores shown per question (console, eval.md) and logged during training, in that order.
+TRIAGE_METRICS = ("triage_accuracy", "safety", "emergency_recall", "under_triaged_emergencies",
+                  "emergencies_to_self_care", "over_triage", "unparsed")
 EMERGENCY_COUNTS = ("emergency_recall", "under_triaged_emergencies", "emergencies_to_self_care")
 
 

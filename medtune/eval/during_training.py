@@ -27,8 +27,6 @@ from medtune.eval import consultation
 from medtune.eval.scorers.consultation import Matcher
 
 logger = logging.getLogger(__name__)
-LOGGED = ("triage_accuracy", "safety", "emergency_recall", "under_triaged_emergencies", "emergencies_to_self_care",
-          "over_triage", "unparsed")
 
 
 def load_vignettes(path: str) -> list[dict]:
@@ -44,7 +42,7 @@ def load_vignettes(path: str) -> list[dict]:
 def flat_scores(scores: dict, prefix: str = "eval_consultation_") -> dict[str, float]:
     """<prefix><question>_<metric> of consultation.score's triage questions, ready for `trainer.log`."""
     return {f"{prefix}{q}_{m}": float(metrics[m]) for q, metrics in scores["questions"].items()
-            for m in LOGGED if m in metrics}
+            for m in consultation.TRIAGE_METRICS if m in metrics}
 
 
 GATED = ("under_triaged_emergencies", "emergencies_to_self_care")

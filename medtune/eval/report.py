@@ -82,6 +82,12 @@ def markdown(rows: Sequence[dict], header: Mapping[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _aligned(lines: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as left-aligned columns: the console tables."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
 def headline_table(results: Mapping, base: Mapping | None = None) -> str:
     """Each family's headline metric and the reply loss, the model next to its baseline: the console summary."""
     rows = [(f, m["primary"], m["n"], (base or {}).get("families", {}).get(f, {}).get(m["primary"]), m[m["primary"]])
@@ -92,12 +98,7 @@ def headline_table(results: Mapping, base: Mapping | None = None) -> str:
     head = ("family", "headline metric", "n") + (("base", "tuned", "delta") if base else ("value",))
     lines = [head] + [(f, metric, str(n), *((_cell(b), _cell(v), _cell(None if b is None else v - b)) if base
                                            else (_cell(v),))) for f, metric, n, b, v in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
-
-
-CONSULT_METRICS = ("triage_accuracy", "safety", "emergency_recall", "under_triaged_emergencies",
-                   "emergencies_to_self_care", "over_triage", "unparsed")
+    return _aligned(lines)
 
 
 def consultation_table(results: Mapping, base: Mapping | None = None) -> str:
@@ -109,7 +110,7 @@ def consultation_table(results: Mapping, base: Mapping | None = None) -> str:
     head = ("question", "metric", "n") + (("base", "tuned", "delta", "McNemar p") if base else ("value",))
     lines = [head]
     for question, metrics in tuned["questions"].items():
-        names = ("top1", "top3", "top5") if question == consultation.DIFFERENTIAL else CONSULT_METRICS
+        names = ("top1", "top3", "top5") if question == consultation.DIFFERENTIAL else consultation.TRIAGE_METRICS
         for metric in names:
             value, b = metrics[metric], before.get(question, {}).get(metric)
             text = _cell(value)
@@ -120,8 +121,7 @@ def consultation_table(results: Mapping, base: Mapping | None = None) -> str:
             p = tests.get(question, {}).get(metric, {}).get("p_value")
             lines.append((question, metric, str(n), *((_cell(b), text, _cell(None if b is None else value - b),
                                                       "–" if p is None else f"{p:.3g}") if base else (text,))))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    return _aligned(lines)
 
 
 def _consultation_markdown(results: Mapping, base: Mapping | None, regressions: Sequence[Mapping] | None) -> str:
