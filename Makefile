@@ -1,4 +1,4 @@
-# medtune: `make demo` (set up, fine-tune SmolLM2-135M-Instruct on the bundled sample, compare it with its base on
+# medtune: `make demo` (set up, fine-tune SmolLM2-135M-Instruct on the bundled sample and vignettes, compare it with its base on
 # MedTuned and on the consultation vignettes, answer a question), `make test` (set up + full test suite), `make lint` (ruff, configured in pyproject.toml).
 VENV ?= .venv
 PY := $(VENV)/bin/python

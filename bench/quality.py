@@ -46,7 +46,7 @@ def _recipe(model: str, out: Path, cache: Path, args, train_file: Path):
         "--max_seq_length", str(args.max_seq_length),
         "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", "constant", "--warmup_steps", "0",
         "--logging_steps", "100000", "--save_strategy", "no", "--disable_tqdm", "true", "--sample_prompt", "",
-    ], replace={"eval_dataset_name": None, "eval_split": "none"})
+    ], replace={"datasets": None, "eval_dataset_name": None, "eval_split": "none"})  # the sample alone
 
 
 def trainer_for(side: str, recipe, fmt, rows: list[dict]):

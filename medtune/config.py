@@ -181,6 +181,19 @@ def validate(recipe: Recipe) -> None:
                           "file): set that instead")
     if d.chat_template and "{" not in d.chat_template and not Path(d.chat_template).expanduser().is_file():
         raise ConfigError(f"chat_template={d.chat_template!r}: no such file, and not a Jinja template")
+    if d.chat_template:
+        from jinja2 import TemplateSyntaxError
+
+        # Compiled as apply_chat_template compiles it (medtune.chat_format), so a syntax error stops here.
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        from medtune.chat_format import read_template
+
+        try:
+            _compile_jinja_template(read_template(d.chat_template))
+        except TemplateSyntaxError as err:
+            raise ConfigError(f"chat_template: Jinja syntax error at line {err.lineno}: {err.message}; fix the "
+                              "template (a Jinja string or a .jinja file)") from None
     if t.packing and t.packing_strategy not in ("bfd", "bfd_split"):
         raise ConfigError(
             f"packing_strategy={t.packing_strategy!r} lets samples share attention: use 'bfd' (keeps sample "

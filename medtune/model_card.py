@@ -53,7 +53,10 @@ class TrainingRecord:
 
     @property
     def data(self) -> str:
-        return self.run_info.get("recipe", {}).get("data", {}).get("dataset_name") or "not recorded"
+        data = self.run_info.get("recipe", {}).get("data", {})
+        if data.get("datasets"):  # a mixture replaces dataset_name
+            return ", ".join(f"`{d['name']}`" for d in self.datasets() if d["use"].startswith("training"))
+        return f"`{data['dataset_name']}`" if data.get("dataset_name") else "not recorded"
 
     @property
     def recipe_path(self) -> str | None:
@@ -67,8 +70,19 @@ class TrainingRecord:
     def datasets(self) -> list[dict]:
         """Every dataset the run named, what it was used for, and its licence where medtune knows it."""
         data = self.run_info.get("recipe", {}).get("data", {})
-        return [{"name": data[key], "use": use, "licence": licence(data[key])}
-                for key, use in DATA_KEYS.items() if data.get(key)]
+        named = [(data[key], use) for key, use in DATA_KEYS.items() if data.get(key)
+                 and not (key == "dataset_name" and data.get("datasets"))]  # a mixture replaces dataset_name
+        for key, use in (("datasets", "training"), ("eval_datasets", "evaluation")):
+            for entry in data.get(key) or ():
+                share = f", fraction {entry['fraction']}" if entry.get("fraction") is not None else ""
+                if entry.get("replay"):
+                    named.append((entry["replay"]["prompts"], f"{use}: prompts of the base model's replayed "
+                                                              f"replies{share}"))
+                else:
+                    named.append((entry["path"], use + (" (self-distilled by the base model)"
+                                                        if entry.get("self_distill") is not None else "") + share))
+        named.sort(key=lambda n: not n[1].startswith("training"))
+        return [{"name": name, "use": use, "licence": licence(name)} for name, use in named]
 
 
 def licence(dataset: str) -> str | None:
@@ -104,21 +118,21 @@ def _fmt(value):
 
 def _headlines(report: dict) -> list[dict]:
     """Each MedTuned family's headline metric, tuned and base, from a medtune-eval report."""
-    base = report.get("baseline", {}).get("families", {})
+    base = (report.get("baseline") or {}).get("families", {})
     rows = [{"name": f, "metric": m["primary"], "n": m["n"], "value": m[m["primary"]],
              "base": base.get(f, {}).get(m["primary"])}
             for f, m in report.get("families", {}).items() if f != "consultation"]
     if "loss" in report.get("overall", {}):
         rows.append({"name": "all", "metric": "reply loss", "n": report["overall"]["n"],
                      "value": report["overall"]["loss"],
-                     "base": report.get("baseline", {}).get("overall", {}).get("loss")})
+                     "base": (report.get("baseline") or {}).get("overall", {}).get("loss")})
     return [{k: _fmt(v) for k, v in r.items()} for r in rows]
 
 
 def _consultation(report: dict) -> list[dict]:
     """The consultation's headline numbers per question, tuned and base."""
     tuned = report.get("families", {}).get("consultation", {}).get("questions", {})
-    base = report.get("baseline", {}).get("families", {}).get("consultation", {}).get("questions", {})
+    base = (report.get("baseline") or {}).get("families", {}).get("consultation", {}).get("questions", {})
     from medtune.eval.consultation import metric_n
 
     return [{"name": q, "metric": m, "n": metric_n(tuned[q], m),
@@ -140,7 +154,7 @@ quantised with {{ quantized }}{% endif %}; medtune-chat, medtune-serve, medtune-
 that base.{% endif %}
 
 - **Base model:** `{{ base }}`
-- **Training data:** `{{ data }}`{% if rows %} ({{ rows }}){% endif %}
+- **Training data:** {{ data }}{% if rows %} ({{ rows }}){% endif %}
 - **Chat format:** the tokenizer's chat template, stored in this folder, as in training; generation stops at \
 {{ stop_tokens }} (ids {{ stop_ids }}, generation_config.json).
 

@@ -153,6 +153,12 @@ def test_chat_template_is_a_jinja_string_or_a_file(tmp_path):
         parse_recipe(_recipe(tmp_path, chat_template="templates/missing.jinja"))
     with pytest.raises(ConfigError, match="medtune reads chat_template"):
         parse_recipe(_recipe(tmp_path, chat_template_path="t.jinja"))
+    # a syntax error stops at validation, named, in the string or in the file
+    broken = "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}"
+    (tmp_path / "broken.jinja").write_text(broken)
+    for value in (broken, str(tmp_path / "broken.jinja")):
+        with pytest.raises(ConfigError, match=r"^chat_template: Jinja syntax error at line 2: unexpected '}'"):
+            parse_recipe(_recipe(tmp_path, chat_template=value))
 
 
 def test_lora_target_modules_keywords_and_regexes_stay_strings(tmp_path):

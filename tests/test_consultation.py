@@ -9,6 +9,7 @@ import pytest
 
 from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
 from medtune.data.rows import read_rows
+from medtune.data import vignettes
 from medtune.data.vignettes import DOCTOR, EMERGENCY, SELF_CARE, VignetteError, diagnosis_names
 from medtune.eval import consultation, run
 from medtune.eval.scorers.consultation import (Matcher, clopper_pearson, mcnemar, normalise, read_differential,
@@ -30,12 +31,21 @@ HELDOUT, TRAIN = ROOT / "data" / "vignettes" / "heldout.jsonl", ROOT / "data" / 
     ("You can look after yourself at home: rest and drink plenty of fluids.", SELF_CARE),
     ("A pharmacist can recommend something over the counter.", SELF_CARE),
     # several levels: the most urgent one
-    ("Rest at home, but if you get chest pain call 999.", EMERGENCY),
-    ("Drink fluids; see a doctor if it lasts more than a week.", DOCTOR),
+    ("See your GP today. Rest at home until then.", DOCTOR),
+    ("Go to A&E now; a pharmacist cannot help with this.", EMERGENCY),
+    # advice on a condition is a safety net, not the advice (ConText's hypothetical)
+    ("Rest at home, but if you get chest pain call 999.", SELF_CARE),
+    ("Drink fluids; see a doctor if it lasts more than a week.", SELF_CARE),
+    ("See your GP today. If it gets worse, call an ambulance.", DOCTOR),
+    ("Should it spread to your arm, call 999.", None),
+    ("If the pain spreads to your arm, jaw or back, call 999.", None),
+    ("If your temperature is above 38.5, call 111. Rest at home.", SELF_CARE),
+    ("Call 999 even if the pain eases.", EMERGENCY),
+    ("Go to A&E now, and if it gets worse call 999.", EMERGENCY),
     # negations
     ("There is no need to see a doctor; rest and drink fluids.", SELF_CARE),
     ("You don't need to go to A&E. Take paracetamol and rest at home.", SELF_CARE),
-    ("Do not hesitate to call 999 if the pain spreads.", EMERGENCY),
+    ("Do not hesitate to call 999.", EMERGENCY),
     ("Don't wait: go to the emergency department.", EMERGENCY),
     ("It is not a medical emergency.", None),
     ("I'm not sure what this is.", None),
@@ -48,7 +58,7 @@ def test_the_advised_level_is_read_by_the_documented_rules(reply, level):
 @pytest.mark.parametrize("reply, level", [
     ("Emergency", EMERGENCY), ("em", EMERGENCY), ("**See a doctor**", DOCTOR), ("ne", DOCTOR),
     ("Self-care.", SELF_CARE), ("sc", SELF_CARE), ("Not an emergency: self-care", SELF_CARE),
-    ("See a doctor, or emergency if it gets worse", EMERGENCY), ("I cannot say.", None),
+    ("See a doctor, or emergency if it gets worse", DOCTOR), ("I cannot say.", None),
 ])
 def test_the_forced_choice_also_reads_the_bare_labels(reply, level):
     assert read_level(reply, labels=True) == level
@@ -128,9 +138,16 @@ def test_each_vignette_layout_is_read_with_its_levels_and_alternatives(tmp_path)
                                                                 (SELF_CARE, "self-care")]
     assert consultation.questions(rows[2]) == ["consult", "triage"]
     assert report.skipped == {"no_diagnosis_or_triage": 1}
-    # the training conversation: the case, then the diagnosis and the level's advice
-    assert rows[0]["messages"][0] == {"role": "user", "content": "c1"}
-    assert "Migraine" in rows[0]["messages"][1]["content"] and "GP" in rows[0]["messages"][1]["content"]
+    # the training conversation: under the page's system prompt, the case, then the level's advice and the diagnosis
+    assert rows[0]["messages"][:2] == [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                                       {"role": "user", "content": "c1"}]
+    answer = rows[0]["messages"][2]["content"]
+    assert answer.startswith("You need to see your GP in the next few days") and "Migraine" in answer
+    # each level's reply reads back as its level: a safety net ("call an ambulance if it gets much worse") is not
+    # the advice
+    for label, level in [("emergency", EMERGENCY), ("urgent", DOCTOR), ("routine", DOCTOR),
+                         ("see a doctor", DOCTOR), ("self-care", SELF_CARE)]:
+        assert read_level(vignettes.reply(["Migraine"], label)) == level, label
 
 
 def test_an_unknown_level_stops_the_read_naming_the_row_and_the_spellings(tmp_path):

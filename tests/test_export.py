@@ -212,3 +212,26 @@ def test_the_adapter_card_names_every_dataset_with_its_licence_and_both_tables(a
     metadata = ModelCard.load(folder / "README.md").data
     assert metadata.license == "cc-by-nc-4.0" and metadata.datasets == ["nlpie/Llama2-MedTuned-Instructions"]
     assert metadata.library_name == "peft"
+
+    # a mixture (the demo's form): every entry named in place of dataset_name, with its use and licence
+    run_info["recipe"]["data"] = {"dataset_name": "nlpie/Llama2-MedTuned-Instructions", "datasets": [
+        {"path": "nlpie/Llama2-MedTuned-Instructions", "fraction": 0.7},
+        {"path": "data/vignettes/train.jsonl", "self_distill": {}, "fraction": 0.2},
+        {"replay": {"prompts": "data/prompts/health_questions.jsonl"}, "fraction": 0.1}]}
+    (folder / "run_info.json").write_text(json.dumps(run_info))
+    card = write_adapter_card(folder).read_text()
+    for expected in ("| `nlpie/Llama2-MedTuned-Instructions` | training, fraction 0.7 | CC-BY-NC-4.0",
+                     "| `data/vignettes/train.jsonl` | training (self-distilled by the base model), fraction 0.2 | "
+                     "Apache-2.0 (written for medtune) |",
+                     "| `data/prompts/health_questions.jsonl` | training: prompts of the base model's replayed "
+                     "replies, fraction 0.1 | Apache-2.0 (written for medtune) |",
+                     "**Licence of these weights:** CC-BY-NC-4.0"):
+        assert expected in card
+    assert card.count("nlpie/Llama2-MedTuned-Instructions` |") == 1
+    assert "`nlpie/Llama2-MedTuned-Instructions`, `data/vignettes/train.jsonl`, " \
+           "`data/prompts/health_questions.jsonl`" in card  # the card's "trained on" line
+
+    # medtune-eval without --baseline: its report's baseline is null, the card shows the tuned column alone
+    (folder / "eval.json").write_text(json.dumps({**report, "baseline": None}))
+    card = write_adapter_card(folder).read_text()
+    assert "| nli | accuracy | 4 | – | 0.75 |" in card and "| consult | safety | 48 | – | 0.5 |" in card

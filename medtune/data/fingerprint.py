@@ -13,7 +13,7 @@ import json
 
 from medtune.data.rows import is_local, local_files
 
-PIPELINE_VERSION = 5  # bump when the encoding, packing or splitting changes meaning
+PIPELINE_VERSION = 6  # bump when the encoding, packing or splitting changes meaning
 _CHUNK = 1 << 20
 
 
@@ -37,14 +37,14 @@ def source_fingerprint(source: str, config: str | None) -> str:
 
 
 def mixture_fingerprint(entries: list[dict], key: str = "datasets", model: list | None = None) -> list:
-    """Every entry's content and settings (fraction, columns, split, ...): changing any one rebuilds; a replay's
-    replies also depend on the base `model` (its path and revision)."""
+    """Every entry's content and settings (fraction, columns, split, ...): changing any one rebuilds; replies of
+    a replay or self-distillation also depend on the base `model` (its path and revision)."""
     from dataclasses import astuple
 
     from medtune.data import mixture
 
-    return [[astuple(e), [source_fingerprint(s, e.name) for s in e.sources()], model if e.replay else None]
-            for e in mixture.parse(entries, key)]
+    return [[astuple(e), [source_fingerprint(s, e.name) for s in e.sources()],
+             model if e.replay or e.self_distill is not None else None] for e in mixture.parse(entries, key)]
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

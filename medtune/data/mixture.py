@@ -14,7 +14,9 @@
         fraction: 0.05
 
 Entry keys: `path`, `name` (hub configuration), `data_files`, `split` (default train), `columns` (only these columns
-of each record are read), `fraction`; or, in place of `path`, medtune's `replay: {prompts: FILE[, max_new_tokens]}`.
+of each record are read), `self_distill: {max_new_tokens: N}` (its replies rewritten by the base model where they
+keep the answer, medtune.data.self_distill), `fraction`; or, in place of `path`, medtune's
+`replay: {prompts: FILE[, max_new_tokens]}`.
 Fractions are set on every entry or on none: set, they are normalised to sum
 to one and the mixture is the largest that oversamples no dataset (the first round(fraction x N) usable rows of
 each, N the largest size every dataset can fill); unset, the datasets are concatenated. Unlike TRL's
@@ -29,7 +31,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 from medtune.data.rows import RowReport, read_rows
 
@@ -49,13 +50,14 @@ class Entry:
     columns: list[str] | None = None
     fraction: float | None = None
     replay: dict | None = None  # {prompts, max_new_tokens}: the base model's replies (medtune.data.replay)
+    self_distill: dict | None = None  # {max_new_tokens}: replies rewritten by the base (medtune.data.self_distill)
 
     @property
     def label(self) -> str:
         if self.replay:
             return f"replay of {self.replay['prompts']}"
         return self.path + (f" [{', '.join(self.data_files)}]" if self.data_files else "") + (
-            f" ({self.name})" if self.name else "")
+            f" ({self.name})" if self.name else "") + (" (self-distilled)" if self.self_distill is not None else "")
 
     def sources(self) -> list[str]:
         """What to read: `data_files` (inside `path` when it is a local folder), else `path`; a replay's prompts."""
@@ -82,6 +84,8 @@ def parse(entries: object, key: str = "datasets") -> list[Entry]:
         unknown = sorted(set(raw) - set(KEYS))
         if unknown:
             raise MixtureError(f"{where}: unknown key(s) {', '.join(unknown)}; an entry has {', '.join(KEYS)}")
+        if key != "datasets" and ("replay" in raw or "self_distill" in raw):
+            raise MixtureError(f"{where}: replay and self_distill make training rows; they are `datasets` entries")
         replay = raw.get("replay")
         if replay is not None:
             _check_replay(replay, where, raw)
@@ -98,8 +102,11 @@ def parse(entries: object, key: str = "datasets") -> list[Entry]:
         if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
                                      or fraction <= 0):
             raise MixtureError(f"{where}: `fraction` must be a number above 0, got {fraction!r}")
+        distill = raw.get("self_distill")
+        if distill is not None:
+            _check_generation(distill, where, "self_distill", ())
         entry = Entry(raw.get("path", ""), raw.get("name"), files, raw.get("split") or "train", columns, fraction,
-                      replay)
+                      replay, distill)
         for source in entry.sources():
             path = Path(source).expanduser()
             if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1 or path.suffix):
@@ -117,33 +124,46 @@ def _check_replay(replay: object, where: str, raw: dict) -> None:
     if not isinstance(replay, dict) or not isinstance(replay.get("prompts"), str):
         raise MixtureError(f"{where}: `replay` is {{prompts: FILE[, max_new_tokens: N]}}, FILE JSON lines with a "
                            "string 'prompt'")
-    if set(raw) - {"replay", "fraction"} or set(replay) - {"prompts", "max_new_tokens"}:
+    if set(raw) - {"replay", "fraction"}:
         raise MixtureError(f"{where}: a replay entry has `replay: {{prompts, max_new_tokens}}` and `fraction` only")
+    _check_generation(replay, where, "replay", ("prompts",))
     if not Path(replay["prompts"]).expanduser().is_file():
         raise MixtureError(f"{where}: replay prompts {replay['prompts']}: no such file")
-    tokens = replay.get("max_new_tokens", 1)
+
+
+def _check_generation(settings: object, where: str, key: str, required: tuple[str, ...]) -> None:
+    """The settings of the base model's generation for a replay or self-distillation entry."""
+    allowed = (*required, "max_new_tokens")
+    if not isinstance(settings, dict) or set(settings) - set(allowed):
+        raise MixtureError(f"{where}: `{key}` is a mapping of {', '.join(allowed)}, got {settings!r}")
+    tokens = settings.get("max_new_tokens", 1)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise MixtureError(f"{where}: replay max_new_tokens must be a whole number of at least 1, got {tokens!r}")
+        raise MixtureError(f"{where}: {key} max_new_tokens must be a whole number of at least 1, got {tokens!r}")
 
 
-def _read(entry: Entry, replay: Callable | None) -> tuple[list[dict], RowReport]:
+def _read(entry: Entry, recipe) -> tuple[list[dict], RowReport]:
+    if (entry.replay or entry.self_distill is not None) and recipe is None:
+        raise MixtureError(f"{entry.label}: replay and self-distillation need the base model (a training recipe)")
     if entry.replay:
-        if replay is None:
-            raise MixtureError(f"{entry.label}: a replay needs the base model (a training recipe)")
-        return replay(entry.replay)
+        from medtune.data.replay import replay_rows
+
+        return replay_rows(entry.replay, recipe)
     rows, report = [], RowReport()
     for source in entry.sources():
         part, read_report = read_rows(source, entry.split, entry.name, columns=entry.columns)
         rows += part
         report.add(read_report)
+    if entry.self_distill is not None:
+        from medtune.data.self_distill import distill
+
+        rows = distill(rows, entry.self_distill, recipe, report)
     return rows, report
 
 
-def read(entries: list[Entry], key: str = "datasets",
-         replay: Callable[[dict], tuple[list[dict], RowReport]] | None = None) -> tuple[list[dict], RowReport]:
+def read(entries: list[Entry], key: str = "datasets", recipe=None) -> tuple[list[dict], RowReport]:
     """(the mixture's rows, one report of everything read and skipped, with one count per entry in `mixture`).
-    `replay` makes a replay entry's rows (medtune.data.replay.replay_rows for the recipe's base model)."""
-    parts = [(entry, *_read(entry, replay)) for entry in entries]
+    Replay and self-distillation entries generate with the `recipe`'s base model."""
+    parts = [(entry, *_read(entry, recipe)) for entry in entries]
     for i, (entry, rows, _) in enumerate(parts):
         if not rows:
             raise MixtureError(f"{key}[{i}] {entry.label}: no usable rows (check its format and columns)")
@@ -159,7 +179,7 @@ def read(entries: list[Entry], key: str = "datasets",
         report.add(read_report)
         counts.append({"dataset": entry.label, "fraction": entry.fraction, "rows_read": read_report.rows_read,
                        "rows_usable": len(rows), "rows_used": n, "skipped": dict(read_report.skipped),
-                       "formats": sorted(set(read_report.formats.values()))})
+                       "notes": dict(read_report.notes), "formats": sorted(set(read_report.formats.values()))})
         logger.info("%s %s: read %d rows, %d usable, %d used%s; skipped %s", key, entry.label,
                     read_report.rows_read, len(rows), n,
                     f" (fraction {entry.fraction})" if entry.fraction is not None else "",

@@ -47,10 +47,7 @@ def read_splits(recipe):
     """(train rows, train report, eval rows or None, eval report or None)."""
     d, seed = recipe.data, recipe.training.seed
     if d.datasets:
-        from medtune.data.replay import replay_rows
-
-        train_rows, train_report = mixture.read(mixture.parse(d.datasets), replay=lambda spec: replay_rows(spec,
-                                                                                                          recipe))
+        train_rows, train_report = mixture.read(mixture.parse(d.datasets), recipe=recipe)
         train_rows = train_rows[:d.max_train_samples]
     else:
         train_rows, train_report = read_rows(d.dataset_name, d.train_split, d.dataset_config, d.max_train_samples)

@@ -14,13 +14,15 @@ medtune's four map onto them as urgent -> see a doctor and routine -> see a doct
 written (`triage_label`). A level that is none of the accepted spellings stops the read with the row named: a
 misspelt label must not silently turn a case into another level.
 
-A kept row also gets the training conversation (the case as the user's turn, and a reply from `reply()`), so that a
-vignette file trains like any other row format.
+A kept row also gets the training conversation (medtune-serve's system prompt, the case as the user's turn, and a
+reply from `reply()`), so that a vignette file trains like any other row format, rendered as the page asks.
 """
 
 from __future__ import annotations
 
 import re
+
+from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
 
 EMERGENCY, DOCTOR, SELF_CARE = "emergency", "see a doctor", "self-care"
 LEVELS = (SELF_CARE, DOCTOR, EMERGENCY)  # in order of urgency
@@ -33,15 +35,18 @@ STRUCTURED = ("demographics", "chief_complaints", "presentation", "absent_findin
 _ALTERNATIVES = re.compile(r"^(.*?)\s*\((?:or|also|aka|i\.e\.)\s+(.*)\)\s*$", re.IGNORECASE)
 
 # The reply a training row teaches for each level (medtune's four levels, and the three codes), after the NHS
-# guidance the levels follow (data/vignettes/README.md).
+# guidance the levels follow (data/vignettes/README.md). The advice comes first, where a model decides it from the
+# case, and in the order a triage decides: whether professional help is needed ("You need ..." for every level but
+# self-care), then how urgently (emergency, today, a doctor, the next few days). Measured in docs/EVAL.md "Mixtures
+# measured": with the diagnosis first, or with each level opening differently, SmolLM2-135M's runs each settled on
+# one level for nearly every case, some on self-care.
 ADVICE = {
-    "emergency": "This could be an emergency. Call an ambulance (999 in the UK, 911 in the US, 112 in the EU) or go "
-                 "to the emergency department now. Do not drive yourself.",
-    "urgent": "You should get medical help today: contact your GP surgery for an urgent appointment, or call 111 "
-              "or an urgent care service. Call an ambulance if it gets much worse.",
-    "routine": "You should see a doctor: book an appointment with your GP in the next few days. Get help sooner if "
-               "it gets worse.",
-    "see a doctor": "You should see a doctor: contact your GP surgery, or call 111 if you cannot wait. Call an "
+    "emergency": "You need emergency help now: call an ambulance (999 in the UK, 911 in the US, 112 in the EU) or go "
+                 "to the emergency department. Do not drive yourself.",
+    "urgent": "You need medical help today: contact your GP surgery for an urgent appointment, or call 111 or an "
+              "urgent care service. Call an ambulance if it gets much worse.",
+    "routine": "You need to see your GP in the next few days: book an appointment. Get help sooner if it gets worse.",
+    "see a doctor": "You need to see a doctor: contact your GP surgery, or call 111 if you cannot wait. Call an "
                     "ambulance if it gets much worse.",
     "self-care": "This can usually be looked after at home: rest, drink fluids, and ask a pharmacist about "
                  "medicines that can help. See a doctor if it does not get better or gets worse.",
@@ -92,14 +97,12 @@ def _structured_case(raw: dict) -> str:
 
 
 def reply(diagnoses: list[str], triage_label: str | None) -> str:
-    """The training reply of a vignette: the likely diagnosis, then what to do at its level."""
-    parts = []
+    """The training reply of a vignette: what to do at its level, then the likely diagnosis."""
+    parts = [ADVICE[triage_label]] if triage_label is not None else []
     if diagnoses:
         also = f" (it can also be called {', '.join(diagnoses[1:3])})" if len(diagnoses) > 1 else ""
         parts.append(f"From what you describe, the most likely cause is {diagnoses[0]}{also}. I am not a doctor, "
                      "and only an examination can confirm it.")
-    if triage_label is not None:
-        parts.append(ADVICE[triage_label])
     return "\n\n".join(parts)
 
 
@@ -126,7 +129,8 @@ def clean(raw: dict, where: str) -> tuple[dict | None, str | None]:
     written = " ".join(label.lower().replace("_", " ").split()) if label else None
     advice_key = written if written in ADVICE else level
     row = {"case": case.strip(), "diagnosis": names, "triage": level, "triage_label": label,
-           "messages": [{"role": "user", "content": case.strip()},
+           "messages": [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                        {"role": "user", "content": case.strip()},
                         {"role": "assistant", "content": reply(names, advice_key)}],
            "train_from": 0}
     if isinstance(raw.get("id"), (str, int)):

@@ -74,6 +74,14 @@ PSEUDO_NEGATIONS = re.compile(r"\b(?:don't|dont|do not|never|not) (?:hesitate|wa
                               r"\bno (?:doubt|delay|time)\b")
 NEGATION_WINDOW = 5  # words before a phrase in which a negation applies to it (as NegEx)
 _CLAUSE = re.compile(r"[.,;:!?\n()]|\b(?:but|however|although|though|if|unless|or)\b")
+# Advice on a condition is a safety net, not the advice ("see a doctor if it does not get better", "if it gets
+# worse, call 999"): ConText's hypothetical triggers (Harkema et al., J Biomed Inform 2009). A trigger applies
+# forward to the end of its sentence, and to the phrase before it in the same comma-separated part ("call 999 if
+# ..."); "even if" and "as if" are no condition.
+_HYPOTHETICAL = re.compile(r"\b(?:if|unless|in case|should (?:it|they|you|this|symptoms|the \w+))\b")
+_PSEUDO_HYPOTHETICAL = re.compile(r"\b(?:even|as|only) if\b")
+_SENTENCE = re.compile(r"(?<!\d)[.!?;\n]|[.!?;\n](?!\d)")
+_PART = re.compile(r"[,:]")  # the parts of a sentence
 
 
 def _compile(phrases: dict[str, list[str]]) -> list[tuple[str, re.Pattern]]:
@@ -96,11 +104,20 @@ def _negated(text: str, start: int) -> bool:
     return NEGATIONS.search(PSEUDO_NEGATIONS.sub(" ", words)) is not None
 
 
+def _hypothetical(text: str, start: int, end: int) -> bool:
+    """Advice given on a condition: a trigger earlier in its sentence, or after it in its own part."""
+    first = max((m.end() for m in _SENTENCE.finditer(text, 0, start)), default=0)
+    last = next((m.start() for m in _SENTENCE.finditer(text, end)), len(text))
+    after = _PART.split(text[end:last], maxsplit=1)[0]
+    return any(_HYPOTHETICAL.search(_PSEUDO_HYPOTHETICAL.sub(" ", part)) for part in (text[first:start], after))
+
+
 def read_level(reply: str, labels: bool = False) -> str | None:
-    """The most urgent level the reply advises (not negated), or None when it advises none."""
+    """The most urgent level the reply advises (not negated, not on a condition), or None when it advises none."""
     text = _normal_text(reply)
     found = {level for level, pattern in (_ADVICE + _LABELS if labels else _ADVICE)
-             for m in pattern.finditer(text) if not _negated(text, m.start())}
+             for m in pattern.finditer(text) if not _negated(text, m.start())
+             and not _hypothetical(text, m.start(), m.end())}
     return max(found, key=LEVELS.index) if found else None
 
 
