@@ -248,6 +248,14 @@ def test_self_distillation_counts_every_row_and_trains_only_the_rewrites_that_ke
                                           "self_distill_answer_changed": 1, "self_distill_multi_turn": 1}
     assert report.mixture[1]["notes"] == {"self_distill_answer_changed": 1}
     assert report.mixture[0]["dataset"].endswith("(self-distilled)")
+    # with fractions, only the rows the mixture uses are rewritten (here 1 of the 4 conversations)
+    asked.clear()
+    _, report = mixture.read(mixture.parse([{"path": str(chats), "self_distill": {"max_new_tokens": 64},
+                                             "fraction": 0.5},
+                                            {"path": str(one), "self_distill": {"max_new_tokens": 64},
+                                             "fraction": 0.5}]), recipe=recipe)
+    assert asked == ["Question 0?", vignette["case"]] and report.mixture[0]["rows_used"] == 1
+    assert report.mixture[0]["notes"] == {"self_distill_rewritten": 1}
     with pytest.raises(mixture.MixtureError, match=r"datasets\[0\]: `self_distill` is a mapping of max_new_tokens"):
         mixture.parse([{"path": str(chats), "self_distill": {"prompts": "x"}}])
     with pytest.raises(mixture.MixtureError, match=r"self_distill max_new_tokens must be a whole number"):

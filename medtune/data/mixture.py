@@ -153,10 +153,6 @@ def _read(entry: Entry, recipe) -> tuple[list[dict], RowReport]:
         part, read_report = read_rows(source, entry.split, entry.name, columns=entry.columns)
         rows += part
         report.add(read_report)
-    if entry.self_distill is not None:
-        from medtune.data.self_distill import distill
-
-        rows = distill(rows, entry.self_distill, recipe, report)
     return rows, report
 
 
@@ -175,7 +171,12 @@ def read(entries: list[Entry], key: str = "datasets", recipe=None) -> tuple[list
         used = [len(rows) for _, rows, _ in parts]
     mixed, report, counts = [], RowReport(), []
     for (entry, rows, read_report), n in zip(parts, used):
-        mixed += rows[:n]
+        if entry.self_distill is not None:  # only the rows the fraction uses are rewritten
+            from medtune.data.self_distill import distill
+
+            mixed += distill(rows[:n], entry.self_distill, recipe, read_report)
+        else:
+            mixed += rows[:n]
         report.add(read_report)
         counts.append({"dataset": entry.label, "fraction": entry.fraction, "rows_read": read_report.rows_read,
                        "rows_usable": len(rows), "rows_used": n, "skipped": dict(read_report.skipped),
