@@ -1,11 +1,12 @@
 # medtune: `make demo` (set up, fine-tune SmolLM2-135M-Instruct on the bundled sample and vignettes, compare it with its base on
-# MedTuned and on the consultation vignettes, answer a question), `make test` (set up + full test suite), `make lint` (ruff, configured in pyproject.toml).
+# MedTuned and on the consultation vignettes, answer a question, export a GGUF), `make test` (set up + full test suite), `make lint` (ruff, configured in pyproject.toml),
+# `make local` (llama-cpp-python, to run the GGUF on a CPU).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := outputs/demo
 QUESTION := I have had a fever, a dry cough and a sore throat for three days. What could it be?
 
-.PHONY: setup demo lint test test-fast serve
+.PHONY: setup demo lint test test-fast serve local
 
 setup:
 	bash scripts/setup.sh
@@ -15,17 +16,28 @@ demo: setup
 	$(VENV)/bin/medtune-eval --model $(DEMO) --baseline --data data/sample/medtuned_sample_eval.jsonl \
 		data/vignettes/heldout.jsonl --out $(DEMO) --max-new-tokens 64 --batch-size 48
 	$(VENV)/bin/medtune-chat --model $(DEMO) --temperature 0 --max-tokens 96 --ask "$(QUESTION)"
+	$(VENV)/bin/medtune-export --model $(DEMO) --out $(DEMO)/export --gguf q8_0
 	@echo
 	@echo "Web chat with the fine-tuned model:  $(VENV)/bin/medtune-serve --model $(DEMO)   then open http://127.0.0.1:8000/"
+	@echo "Privately on this machine's CPU with llama.cpp:  make local   then"
+	@echo "  $(VENV)/bin/medtune-serve --model $(DEMO)/export/model-q8_0.gguf"
+	@echo "With Ollama:  cd $(DEMO)/export && ollama create medtune-demo -f model-q8_0.Modelfile && ollama run medtune-demo"
 
 lint: setup
 	$(VENV)/bin/ruff check .
 
 test: setup
 	bash scripts/setup.sh --system
+	bash scripts/setup.sh --llama-cpp
 	$(PY) -m pytest
 
+# llama-cpp-python (built once), to chat with and serve GGUF files on a CPU: make local, then
+# medtune-serve --model outputs/demo/export/model-q8_0.gguf
+local: setup
+	bash scripts/setup.sh --llama-cpp
+
 test-fast: setup
+	bash scripts/setup.sh --llama-cpp
 	$(PY) -m pytest -m "not slow"
 
 serve: setup

@@ -1,6 +1,7 @@
 """`medtune-chat`: multi-turn terminal chat with a medtune model, replies streamed as they are generated.
 
     medtune-chat --model exported/starling-medtuned     # or an adapter folder, or nothing for the demo model
+    medtune-chat --model exported/starling-medtuned/model-q4_k_m.gguf    # on llama.cpp, privately on a laptop
     medtune-chat --model outputs/demo --ask "I have a fever and a sore throat." --temperature 0   # one answer
 
 Commands: /reset starts a new conversation, /exit (or Ctrl-D) quits, Ctrl-C stops the current reply.
@@ -17,6 +18,7 @@ from medtune.command_line import add_runtime_arguments
 from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
 from medtune.decoding import Stream
 from medtune.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, Sampling
+from medtune.gguf_export import GGUFExportError
 from medtune.inference import load_for_inference_or_demo
 from medtune.serve.triage import triage_text
 
@@ -81,7 +83,7 @@ def chat_loop(model, fmt, options: ChatOptions, read: Callable[[str], str] = inp
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medtune-chat", description="Chat with a medtune model in the terminal.")
-    p.add_argument("--model", help="merged model folder or LoRA adapter folder (default: tiny demo model)")
+    p.add_argument("--model", help="merged model folder, LoRA adapter folder or .gguf file (default: tiny demo model)")
     add_runtime_arguments(p)
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt ('' for none)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="longest reply in tokens")
@@ -93,7 +95,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype, args.adapter_base)
+    try:
+        model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype, args.adapter_base, args.engine,
+                                                max_sequences=1)
+    except (GGUFExportError, ValueError) as err:  # a damaged .gguf, an engine that cannot run the model
+        raise SystemExit(f"medtune-chat: {err}") from None
     options = ChatOptions(args.system_prompt, args.max_tokens, args.temperature, args.top_p)
     if args.ask is not None:
         print(f"you> {args.ask}")

@@ -5,6 +5,7 @@
     --dtype   the dtype of the model's weights
     --device  where the model runs
     --adapter-base  the base weights a LoRA adapter trained on a quantised base runs on
+    --engine  what runs a model to generate with: transformers, or llama.cpp for a .gguf file
 
 Recipe keys (medtune-train, medtune-prepare-data) are spelled as in the YAML (--max_steps); --max-steps works too.
 """
@@ -15,6 +16,7 @@ import argparse
 
 INFERENCE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 ADAPTER_BASES = ("as-trained", "original")
+ENGINES = ("auto", "llama.cpp", "transformers")
 
 
 def add_adapter_base_argument(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +27,12 @@ def add_adapter_base_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """--dtype, --device and --adapter-base of a command that loads a model to generate with (medtune.inference)."""
+    """--dtype, --device, --engine and --adapter-base of a command that loads a model to generate with
+    (medtune.inference)."""
     parser.add_argument("--dtype", choices=INFERENCE_DTYPES, default="auto",
                         help="weights' dtype (default: auto = bf16, or fp16 without bf16, on a GPU; fp32 on CPU)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
+                        help="what runs the model: llama.cpp (a .gguf file, on CPU) or transformers (default: auto = "
+                             "llama.cpp for a .gguf file when llama-cpp-python is installed)")
     add_adapter_base_argument(parser)

@@ -6,6 +6,8 @@ transformers' `generate` applies one temperature and top-p to the whole batch an
 longest is done, and its continuous-batching manager picks greedy or sampling for every request at once. The server
 needs each request's own settings and drops a row as soon as its request ends (finished, cancelled, timed out), so
 the step loop is here; padding (`tokenizer.pad`), the KV cache, the attention masks and top-p are transformers'.
+A GGUF model on llama.cpp (medtune.llama_cpp_engine) makes its own batch with the same interface (`new_batch`) and
+samples with the same `sample`.
 """
 
 from __future__ import annotations
@@ -53,6 +55,22 @@ def prefill(model, tok, prompts: list[list[int]], cache: DynamicCache) -> tuple[
     return logits, mask, positions
 
 
+@torch.inference_mode()
+def sample(logits: torch.Tensor, samplings: list[Sampling], stop_ids: list[int], first: bool) -> list[int]:
+    """The next token of each row of `logits` (rows x vocabulary), each with its own sampling settings; on the `first`
+    step never a stop id (at least one token)."""
+    if first:
+        logits[:, stop_ids] = float("-inf")
+    tokens = logits.argmax(-1)
+    for i, s in enumerate(samplings):
+        if not s.greedy:
+            scores = logits[i:i + 1] / s.temperature
+            if s.top_p < 1.0:
+                scores = TopPLogitsWarper(s.top_p)(None, scores)
+            tokens[i] = torch.multinomial(scores.softmax(-1), 1)[0, 0]
+    return tokens.tolist()
+
+
 class DecodeBatch:
     """Prefill on construction; then `sample()` the next token of every row and `advance()` the rows kept.
 
@@ -76,18 +94,7 @@ class DecodeBatch:
     @torch.inference_mode()
     def sample(self) -> list[int]:
         """The next token of every row in `rows`, each with its own sampling settings."""
-        logits = self._logits
-        if self.steps == 0:  # at least one token
-            logits[:, self.stop_ids] = float("-inf")
-        tokens = logits.argmax(-1)
-        for i, row in enumerate(self.rows):
-            s = self.samplings[row]
-            if not s.greedy:
-                scores = logits[i:i + 1] / s.temperature
-                if s.top_p < 1.0:
-                    scores = TopPLogitsWarper(s.top_p)(None, scores)
-                tokens[i] = torch.multinomial(scores.softmax(-1), 1)[0, 0]
-        return tokens.tolist()
+        return sample(self._logits, [self.samplings[r] for r in self.rows], self.stop_ids, first=self.steps == 0)
 
     @torch.inference_mode()
     def advance(self, tokens: list[int], keep: list[bool]) -> None:
@@ -107,19 +114,43 @@ class DecodeBatch:
         self.steps += 1
 
 
+def new_batch(model, fmt: ChatFormat, prompts: list[list[int]], samplings: list[Sampling]):
+    """A DecodeBatch of a transformers model; a llama.cpp model (medtune.llama_cpp_engine) makes its own."""
+    if hasattr(model, "decode_batch"):
+        return model.decode_batch(fmt, prompts, samplings)
+    return DecodeBatch(model, fmt, prompts, samplings)
+
+
+def _groups(model, prompts: list[list[int]], max_new_tokens: int) -> Iterator[list[list[int]]]:
+    size, cells = getattr(model, "max_sequences", None), getattr(model, "context_size", None)
+    group, used = [], 0
+    for prompt in prompts:
+        need = len(prompt) + max_new_tokens
+        if group and ((size and len(group) == size) or (cells and used + need > cells)):
+            yield group
+            group, used = [], 0
+        group.append(prompt)
+        used += need
+    if group:
+        yield group
+
+
 def complete(model, fmt: ChatFormat, conversations: Sequence[Messages], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              sampling: Sampling = GREEDY) -> list[Completion]:
-    """Replies with finish reasons and token counts for a batch of conversations."""
-    prompts = [fmt.prompt_ids(c) for c in conversations]
-    replies = [Reply(fmt, max_new_tokens) for _ in prompts]
-    texts: list[list[str]] = [[] for _ in prompts]
-    batch = DecodeBatch(model, fmt, prompts, [sampling] * len(prompts))
-    while batch.rows:
-        tokens = batch.sample()
-        for row, token in zip(batch.rows, tokens):
-            texts[row].append(replies[row].add(token))
-        batch.advance(tokens, [replies[row].finish_reason is None for row in batch.rows])
-    return [Completion("".join(t), r.finish_reason, len(p), r.tokens) for t, r, p in zip(texts, replies, prompts)]
+    """Replies with finish reasons and token counts for a batch of conversations (for a llama.cpp model, in groups
+    that fit the sequences and KV cells it holds at once)."""
+    out = []
+    for prompts in _groups(model, [fmt.prompt_ids(c) for c in conversations], max_new_tokens):
+        replies = [Reply(fmt, max_new_tokens) for _ in prompts]
+        texts: list[list[str]] = [[] for _ in prompts]
+        batch = new_batch(model, fmt, prompts, [sampling] * len(prompts))
+        while batch.rows:
+            tokens = batch.sample()
+            for row, token in zip(batch.rows, tokens):
+                texts[row].append(replies[row].add(token))
+            batch.advance(tokens, [replies[row].finish_reason is None for row in batch.rows])
+        out += [Completion("".join(t), r.finish_reason, len(p), r.tokens) for t, r, p in zip(texts, replies, prompts)]
+    return out
 
 
 class Stream:
@@ -139,7 +170,7 @@ class Stream:
         return self._reply.tokens
 
     def _generate(self, model, fmt: ChatFormat, sampling: Sampling) -> Iterator[str]:
-        batch = DecodeBatch(model, fmt, [self.prompt], [sampling])
+        batch = new_batch(model, fmt, [self.prompt], [sampling])
         while True:
             token = batch.sample()[0]
             if piece := self._reply.add(token):

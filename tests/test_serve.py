@@ -9,6 +9,7 @@ import pytest
 from serve_helpers import LIMITS, local_server
 
 from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
+from medtune.gguf_export import write_gguf
 from medtune.inference import load_for_inference
 from medtune.serve.app import ServerSettings
 
@@ -19,9 +20,13 @@ CHAT = "/v1/chat/completions"
 END_OF_TURN = "<|end_of_turn|>"
 
 
-@pytest.fixture(scope="module")
-def model_and_tok(tiny_model_dir):
-    return load_for_inference(tiny_model_dir, device="cpu")
+@pytest.fixture(scope="module", params=["transformers", "llama.cpp"])
+def model_and_tok(request, tiny_model_dir, tmp_path_factory):
+    """The tiny model on each engine: its folder on transformers, its f16 GGUF file on llama.cpp."""
+    if request.param == "transformers":
+        return load_for_inference(tiny_model_dir, device="cpu")
+    (path,) = write_gguf(tiny_model_dir, ["f16"], tmp_path_factory.mktemp("gguf"))
+    return load_for_inference(path, engine="llama.cpp")
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,13 @@ def reply_losses(model, fmt: ChatFormat, rows: Sequence[Row], batch_size: int) -
     for row, e in zip(rows, encoded):
         if isinstance(e, RowError):
             raise ValueError(f"{row.get('where', 'a row')}: {e}")
+    if hasattr(model, "token_losses"):  # a llama.cpp model (medtune.llama_cpp_engine): one row at a time
+        out = []
+        for e in encoded:
+            start = max(0, e.mask.index(1) - 1)
+            scored = torch.tensor(e.mask[start + 1:], dtype=torch.float32)
+            out.append(((model.token_losses(e.input_ids, start) * scored).sum().item(), int(scored.sum())))
+        return out
     order = sorted(range(len(rows)), key=lambda i: len(encoded[i].input_ids))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     for idx in _batches(order, batch_size):
@@ -67,7 +74,7 @@ def option_losses(model, fmt: ChatFormat, prompts: Sequence[Messages], options: 
     """Per prompt, the summed negative log-likelihood of each option as the whole assistant reply (with its
     end-of-turn). The prompt runs once and its KV cache serves every option: `reply_losses` on each (prompt, option)
     conversation gives the same numbers at k times the cost. A template that tokenizes the prompt differently for
-    different replies falls back to that."""
+    different replies, and a llama.cpp model, fall back to that."""
     from transformers import DynamicCache
 
     k, out = len(options), []
@@ -80,7 +87,7 @@ def option_losses(model, fmt: ChatFormat, prompts: Sequence[Messages], options: 
                 raise ValueError(str(e))
         cut = [e.mask.index(1) for e in encoded]
         heads = [e.input_ids[:c] for e, c in zip(encoded, cut)]
-        if any(heads[i] != heads[i - i % k] for i in range(len(heads))):
+        if hasattr(model, "token_losses") or any(heads[i] != heads[i - i % k] for i in range(len(heads))):
             losses = reply_losses(model, fmt, [{"messages": c} for c in conversations], batch_size)
             out += [[nll for nll, _ in losses[i:i + k]] for i in range(0, len(losses), k)]
             continue

@@ -43,6 +43,7 @@ from medtune.eval import consultation
 from medtune.eval.report import consultation_table, headline_table, log_wandb, write_report
 from medtune.eval.score import score
 from medtune.eval.scorers.consultation import Matcher
+from medtune.gguf_export import GGUFExportError
 
 AUTO = "auto"
 
@@ -191,7 +192,8 @@ def _evaluate_models(args, rows: list[dict], vignettes: list[dict],
 
     adapter = adapters.is_adapter(args.model)
     as_trained = args.adapter_base == "as-trained"
-    model, fmt = inference.load_for_inference(args.model, device=args.device, dtype=args.dtype, as_trained=as_trained)
+    model, fmt = inference.load_for_inference(args.model, device=args.device, dtype=args.dtype, as_trained=as_trained,
+                                              engine=args.engine, max_sequences=args.batch_size)
     baseline = adapters.adapter_base(args.model) if args.baseline == AUTO else args.baseline
     print(f"evaluating {args.model} on {len(rows)} rows and {len(vignettes)} vignettes")
     tuned = _run_model(model, fmt, rows, vignettes, args, system_prompt)
@@ -205,7 +207,8 @@ def _evaluate_models(args, rows: list[dict], vignettes: list[dict],
     else:  # another model: free the tuned one first (two 7B models rarely fit together)
         del model
         torch.cuda.empty_cache()
-        model, fmt = inference.load_for_inference(baseline, device=args.device, dtype=args.dtype)
+        model, fmt = inference.load_for_inference(baseline, device=args.device, dtype=args.dtype, engine=args.engine,
+                                                  max_sequences=args.batch_size)
         context = nullcontext()
     with context:
         base = _run_model(model, fmt, rows, vignettes, args, system_prompt)
@@ -286,7 +289,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows, tuned, base, remote, failed = _evaluate_endpoints(args, rows, vignettes, all_rows, system_prompt)
         header |= remote
     else:
-        tuned, base, baseline = _evaluate_models(args, rows, vignettes, system_prompt)
+        try:
+            tuned, base, baseline = _evaluate_models(args, rows, vignettes, system_prompt)
+        except GGUFExportError as err:  # a damaged .gguf
+            raise SystemExit(f"medtune-eval: {err}") from None
         header |= {"baseline": baseline, "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}
         if adapters.is_adapter(args.model):  # which base weights the adapter ran on (medtune.inference.load_base)
             header["adapter_base"] = args.adapter_base if adapters.trained_quantization(args.model) else "original"

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from medtune.chat_format import ChatFormat
-from medtune.decoding import DecodeBatch
+from medtune.decoding import new_batch
 from medtune.generation import Reply, Sampling
 
 log = logging.getLogger("medtune.serve")
@@ -66,7 +66,7 @@ class _Running:
 
     jobs: list[Job]
     replies: list[Reply]
-    batch: DecodeBatch
+    batch: object  # medtune.decoding.new_batch's
     started: float
 
 
@@ -159,7 +159,7 @@ class Batcher:
             return None
         self._active += jobs
         self.stats["batches"] += 1
-        batch = DecodeBatch(self.model, self.fmt, [j.prompt for j in jobs], [j.sampling for j in jobs])
+        batch = new_batch(self.model, self.fmt, [j.prompt for j in jobs], [j.sampling for j in jobs])
         running = _Running(jobs, [Reply(self.fmt, j.max_tokens, j.stop) for j in jobs], batch, time.monotonic())
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
         return running

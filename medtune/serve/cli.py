@@ -1,6 +1,7 @@
 """`medtune-serve`: the web chat page and an OpenAI-compatible API for a medtune model.
 
     medtune-serve --model exported/starling-medtuned            # this machine only, http://127.0.0.1:8000/
+    medtune-serve --model exported/starling-medtuned/model-q4_k_m.gguf   # on llama.cpp: a laptop's CPU
     MEDTUNE_API_KEY=... medtune-serve --model ... --host 0.0.0.0 --allowed-hosts chat.example.org
     medtune-serve --model exported/starling-medtuned --print-vllm-command
     medtune-serve --upstream http://gpu-node:8000/v1 --upstream-model starling-medtuned
@@ -17,6 +18,7 @@ from pathlib import Path
 from medtune.command_line import add_runtime_arguments
 from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
 from medtune.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
+from medtune.gguf_export import GGUFExportError
 from medtune.serve.connections import ConnectionLimits, backlog, default_max_connections
 from medtune.serve.protocol import Limits
 from medtune.serve.security import allowed_hosts, is_loopback
@@ -26,7 +28,7 @@ log = logging.getLogger("medtune.serve")
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Serve a medtune model: web chat page and OpenAI-compatible API.")
-    p.add_argument("--model", help="merged model folder or LoRA adapter folder (default: tiny demo model)")
+    p.add_argument("--model", help="merged model folder, LoRA adapter folder or .gguf file (default: tiny demo model)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     add_runtime_arguments(p)
@@ -87,7 +89,8 @@ def build_backend(args):
     from medtune.inference import load_for_inference_or_demo
     from medtune.serve.local import LocalBackend
 
-    model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype, args.adapter_base)
+    model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype, args.adapter_base, args.engine,
+                                            args.max_batch_size, args.max_model_len)
     name = Path(args.model).resolve().name if args.model else "tiny-starling-demo"
     return LocalBackend(model, fmt, name, args.max_batch_size, args.max_queue, args.max_model_len)
 
@@ -124,7 +127,11 @@ def main(argv: list[str] | None = None) -> None:
         api_key=args.api_key, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
         cors_origins=tuple(args.cors_origins),
     )
-    app = create_app(build_backend(args), settings)
+    try:
+        backend = build_backend(args)
+    except (GGUFExportError, ValueError) as err:  # a damaged .gguf, an engine that cannot run the model
+        p.error(str(err))
+    app = create_app(backend, settings)
     log.info("web chat on http://%s:%d/  API on http://%s:%d/v1%s", args.host, args.port, args.host, args.port,
              "" if args.api_key else " (no API key)")
     uvicorn.Server(server_config(app, limits, host=args.host, port=args.port)).run()
