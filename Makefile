@@ -38,7 +38,7 @@ local: setup
 	@if [ -f $(DEMO)/adapter_config.json ]; then \
 		$(VENV)/bin/medtune-export --model $(DEMO) --out $(DEMO)/export --gguf q8_0 && \
 		echo "Privately, on llama.cpp:  $(VENV)/bin/medtune-serve --model $(DEMO)/export/model-q8_0.gguf"; \
-	fi
+	else echo "llama-cpp-python installed; make demo first to have a model to export"; fi
 
 test-fast: setup
 	bash scripts/setup.sh --llama-cpp

@@ -35,7 +35,8 @@ def side(model, fmt, rows, max_new_tokens: int) -> dict:
 
 
 def llama_cpp_checks(path: Path, fmt, rows) -> dict:
-    """llama.cpp's own tokenizer against the training prompt ids; the end-of-turn as an end of generation."""
+    """llama.cpp's own tokenizer against the training prompt ids (`fmt`: the model folder's chat format); the
+    end-of-turn as an end of generation."""
     import llama_cpp
     from llama_cpp import Llama
 
@@ -57,12 +58,13 @@ def fidelity(model_dir: Path, rows, types: list[str], out_dir: Path, max_new_tok
     from medtune.inference import load_for_inference
 
     files = write_gguf(model_dir, types, out_dir)
-    reference = side(*load_for_inference(model_dir, device="cpu", dtype="float32"), rows, max_new_tokens)
+    reference_model, training = load_for_inference(model_dir, device="cpu", dtype="float32")
+    reference = side(reference_model, training, rows, max_new_tokens)
     table = [{"form": "transformers fp32", "rows_identical": len(rows), "stopped": sum(reference["stops"]),
               "reply_loss": reference["results"]["overall"]["loss"], **_headlines(reference["results"])}]
     for kind, path in zip(types, files):
         model, fmt = load_for_inference(path, engine="llama.cpp")
-        checks = llama_cpp_checks(path, fmt, rows)
+        checks = llama_cpp_checks(path, training, rows)
         got = side(model, fmt, rows, max_new_tokens)
         table.append({"form": f"llama.cpp {kind}", "size_mb": round(path.stat().st_size / 2**20, 1),
                       "rows_identical": sum(a == b for a, b in zip(got["replies"], reference["replies"])),

@@ -6,7 +6,7 @@ on CPU, side by side: generated tokens/s and time to first token at 1 and 8 conc
     python -m bench.serve_gguf --model outputs/demo/export
 
 One server per side (`--model FOLDER` on transformers, `--model model-q8_0.gguf` and `model-q4_k_m.gguf` on
-llama.cpp), started one at a time so that each has the machine to itself, with the page's features on: the default
+llama.cpp), all started first and idle while another runs its round, with the page's features on: the default
 system prompt, triage, streaming (requests as the page sends them). Each round: `--users` clients, each sending
 `--requests` streamed greedy chat requests one after the other; time to first token is from sending to the first
 content chunk. Rounds alternate between the sides (rotating order); medians over the rounds. Peak memory is the

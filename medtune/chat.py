@@ -18,7 +18,6 @@ from medtune.command_line import add_runtime_arguments
 from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
 from medtune.decoding import Stream
 from medtune.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, Sampling
-from medtune.gguf_export import GGUFExportError
 from medtune.inference import load_for_inference_or_demo
 from medtune.serve.triage import triage_text
 
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype, args.adapter_base, args.engine,
                                                 max_sequences=1)
-    except (GGUFExportError, ValueError) as err:  # a damaged .gguf, an engine that cannot run the model
+    except (ValueError, OSError) as err:  # a missing or damaged .gguf, an engine that cannot run the model
         raise SystemExit(f"medtune-chat: {err}") from None
     options = ChatOptions(args.system_prompt, args.max_tokens, args.temperature, args.top_p)
     if args.ask is not None:

@@ -96,6 +96,9 @@ class DecodeBatch:
         """The next token of every row in `rows`, each with its own sampling settings."""
         return sample(self._logits, [self.samplings[r] for r in self.rows], self.stop_ids, first=self.steps == 0)
 
+    def close(self) -> None:
+        """Nothing to give back: the KV cache is the batch's own (llama.cpp's batches share one)."""
+
     @torch.inference_mode()
     def advance(self, tokens: list[int], keep: list[bool]) -> None:
         """Feed each kept row its token and run the next step; rows with keep False leave the batch."""
@@ -114,10 +117,11 @@ class DecodeBatch:
         self.steps += 1
 
 
-def new_batch(model, fmt: ChatFormat, prompts: list[list[int]], samplings: list[Sampling]):
-    """A DecodeBatch of a transformers model; a llama.cpp model (medtune.llama_cpp_engine) makes its own."""
+def new_batch(model, fmt: ChatFormat, prompts: list[list[int]], samplings: list[Sampling], max_tokens: list[int]):
+    """A DecodeBatch of a transformers model; a llama.cpp model (medtune.llama_cpp_engine) makes its own, with the
+    KV cells of each row's prompt and `max_tokens` reserved. `close()` it when it is dropped."""
     if hasattr(model, "decode_batch"):
-        return model.decode_batch(fmt, prompts, samplings)
+        return model.decode_batch(fmt, prompts, samplings, max_tokens)
     return DecodeBatch(model, fmt, prompts, samplings)
 
 
@@ -143,7 +147,7 @@ def complete(model, fmt: ChatFormat, conversations: Sequence[Messages], max_new_
     for prompts in _groups(model, [fmt.prompt_ids(c) for c in conversations], max_new_tokens):
         replies = [Reply(fmt, max_new_tokens) for _ in prompts]
         texts: list[list[str]] = [[] for _ in prompts]
-        batch = new_batch(model, fmt, prompts, [sampling] * len(prompts))
+        batch = new_batch(model, fmt, prompts, [sampling] * len(prompts), [max_new_tokens] * len(prompts))
         while batch.rows:
             tokens = batch.sample()
             for row, token in zip(batch.rows, tokens):
@@ -170,15 +174,18 @@ class Stream:
         return self._reply.tokens
 
     def _generate(self, model, fmt: ChatFormat, sampling: Sampling) -> Iterator[str]:
-        batch = new_batch(model, fmt, [self.prompt], [sampling])
-        while True:
-            token = batch.sample()[0]
-            if piece := self._reply.add(token):
-                yield piece
-            if self._reply.finish_reason is not None:
-                self.finish_reason = self._reply.finish_reason
-                return
-            batch.advance([token], [True])
+        batch = new_batch(model, fmt, [self.prompt], [sampling], [self._reply.max_tokens])
+        try:
+            while True:
+                token = batch.sample()[0]
+                if piece := self._reply.add(token):
+                    yield piece
+                if self._reply.finish_reason is not None:
+                    self.finish_reason = self._reply.finish_reason
+                    return
+                batch.advance([token], [True])
+        finally:  # also when the reader stops early (close())
+            batch.close()
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces

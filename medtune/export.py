@@ -95,15 +95,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.gguf and not is_adapter(args.model):  # an already merged folder
-        for path in write_gguf(args.model, args.gguf, args.out):
-            print(f"GGUF written to {path}")
-        return
-    out = export(args.model, args.out, args.base, args.dtype, args.max_shard_size, args.adapter_base == "as-trained",
-                 args.gguf)
+    try:
+        if args.gguf and not is_adapter(args.model):  # an already merged folder
+            for path in write_gguf(args.model, args.gguf, args.out):
+                print(f"GGUF written to {path}")
+            return
+        out = export(args.model, args.out, args.base, args.dtype, args.max_shard_size,
+                     args.adapter_base == "as-trained", args.gguf)
+    except GGUFExportError as err:  # an architecture, tokenizer or file GGUF cannot take
+        raise SystemExit(f"medtune-export: {err}") from None
     print(f"merged model written to {out}")
-    for path in sorted(out.glob("model-*.gguf")):
-        print(f"GGUF written to {path}")
+    for kind in args.gguf:
+        print(f"GGUF written to {out / f'model-{kind}.gguf'}")
 
 
 if __name__ == "__main__":

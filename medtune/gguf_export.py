@@ -259,13 +259,16 @@ def _write(path: Path, model_dir: Path, config: dict, vocab: dict, kind: str) ->
             stored = quantize(data, target)
         except QuantError:  # rows that do not split into the type's blocks
             target, stored = gguf.GGMLQuantizationType.F16, quantize(data, gguf.GGMLQuantizationType.F16)
-        w.add_tensor(name, stored, raw_shape=stored.shape, raw_dtype=target)
+        w.add_tensor(name, stored, raw_dtype=target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=True)
-    w.close()
-    os.replace(tmp, path)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=True)
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _llama_cpp_quantize(source: Path, out: Path) -> None:

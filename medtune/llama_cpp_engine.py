@@ -39,7 +39,7 @@ class LlamaCppModel:
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
         if not self._model:
             read_gguf(path)  # what is wrong with the file, named (not read up front: it takes 230 MB for SmolLM2)
-            raise RuntimeError(f"{path}: llama.cpp could not load this model")
+            raise ValueError(f"{path}: llama.cpp could not load this model (its log above says why)")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         trained = llama_cpp.llama_model_n_ctx_train(self._model)
@@ -47,15 +47,18 @@ class LlamaCppModel:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_seq_max, params.kv_unified = self.context_size, max_sequences, True
         params.n_batch = params.n_ubatch = 512
-        params.n_threads = params.n_threads_batch = threads or len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        params.n_threads = params.n_threads_batch = threads or cores
         self._ctx = llama_cpp.llama_init_from_model(self._model, params)
         if not self._ctx:
-            raise RuntimeError(f"{path}: llama.cpp could not make a context of {self.context_size} tokens")
+            llama_cpp.llama_model_free(self._model)
+            raise ValueError(f"{path}: llama.cpp could not make a context of {self.context_size} tokens")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
         self._n_batch = params.n_batch
         self.max_sequences = max_sequences
         self._free = list(range(max_sequences))
+        self._reserved: dict[int, int] = {}  # sequence -> the KV cells its prompt and longest reply take
         # What medtune reads of a transformers model: its context size, and its mode (always inference here).
         self.config = SimpleNamespace(max_position_embeddings=self.context_size)
         self.training = False
@@ -98,32 +101,43 @@ class LlamaCppModel:
                 batch.seq_id[i][0] = seq
             batch.n_tokens = len(chunk)
             status = lib.llama_decode(self._ctx, batch)
-            if status == 1:
-                raise RuntimeError(f"llama.cpp's KV cache ({self.context_size} tokens, shared by the requests running "
-                                   "at once) is full: raise --max-model-len or lower --max-batch-size")
             if status != 0:
                 raise RuntimeError(f"llama_decode failed ({status})")
             out += [np.ctypeslib.as_array(lib.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,)).copy()
                     for i, item in enumerate(chunk) if item[3]]
         return torch.from_numpy(np.stack(out)) if out else torch.empty(0, self.n_vocab)
 
-    def acquire(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"{n} sequences asked for, {len(self._free)} of {self.max_sequences} free")
-        return [self._free.pop() for _ in range(n)]
+    @property
+    def cells_free(self) -> int:
+        """KV cells no running reply has reserved: the server starts a request only when its prompt and max_tokens
+        fit, so that the cache, shared by all sequences, never fills half way through a reply."""
+        return self.context_size - sum(self._reserved.values())
+
+    def acquire(self, needs: list[int]) -> list[int]:
+        """Sequences for replies that take `needs` KV cells each (prompt and max tokens), reserved until released."""
+        if len(needs) > len(self._free) or sum(needs) > self.cells_free:
+            raise RuntimeError(f"{len(needs)} replies of {sum(needs)} tokens in all do not fit: {len(self._free)} of "
+                               f"{self.max_sequences} sequences and {self.cells_free} of {self.context_size} KV cells "
+                               "are free")
+        seqs = [self._free.pop() for _ in needs]
+        self._reserved.update(zip(seqs, needs))
+        return seqs
 
     def release(self, seqs: list[int]) -> None:
+        """Give `seqs` back, their KV cells cleared; empties the list (so releasing twice is harmless)."""
         for seq in seqs:
             self._lib.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            self._reserved.pop(seq, None)
         self._free += seqs
         seqs.clear()
 
-    def decode_batch(self, fmt, prompts: list[list[int]], samplings: list[Sampling]) -> LlamaCppBatch:
-        return LlamaCppBatch(self, fmt, prompts, samplings)
+    def decode_batch(self, fmt, prompts: list[list[int]], samplings: list[Sampling],
+                     max_tokens: list[int]) -> LlamaCppBatch:
+        return LlamaCppBatch(self, fmt, prompts, samplings, max_tokens)
 
     def token_losses(self, ids: list[int], start: int) -> torch.Tensor:
         """Negative log-likelihood of ids[start + 1:], each given the ids before it (teacher-forced)."""
-        (seq,) = self.acquire(1)
+        (seq,) = self.acquire([len(ids)])
         try:
             logits = self.decode([(t, p, seq, p >= start and p < len(ids) - 1) for p, t in enumerate(ids)])
         finally:
@@ -140,18 +154,27 @@ def _free_all(lib, batch, ctx, model) -> None:
 class LlamaCppBatch:
     """DecodeBatch's interface over sequences of a LlamaCppModel's context."""
 
-    def __init__(self, engine: LlamaCppModel, fmt, prompts: list[list[int]], samplings: list[Sampling]):
+    def __init__(self, engine: LlamaCppModel, fmt, prompts: list[list[int]], samplings: list[Sampling],
+                 max_tokens: list[int]):
         self.engine, self.samplings = engine, samplings
         self.stop_ids = list(fmt.stop_ids)
         self.rows = list(range(len(prompts)))
         self.steps = 0
-        self.seqs = engine.acquire(len(prompts))
-        # The sequences go back to the engine when the batch is dropped, however it ends (finished, cancelled,
-        # failed): the batcher forgets a batch whose requests are all gone without stepping it again.
+        self.seqs = engine.acquire([len(p) + m for p, m in zip(prompts, max_tokens)])
+        # Rows give their sequences back as they leave (advance) and the rest on close(); the finalizer is the
+        # backstop for a batch dropped without either.
         weakref.finalize(self, engine.release, self.seqs)
         self.lengths = [len(p) for p in prompts]
-        self._logits = engine.decode([(t, pos, seq, pos == len(p) - 1)
-                                      for p, seq in zip(prompts, self.seqs) for pos, t in enumerate(p)])
+        try:
+            self._logits = engine.decode([(t, pos, seq, pos == len(p) - 1)
+                                          for p, seq in zip(prompts, self.seqs) for pos, t in enumerate(p)])
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Give the sequences of the rows still here back to the engine (the batch is being dropped)."""
+        self.engine.release(self.seqs)
 
     def sample(self) -> list[int]:
         return sample(self._logits, [self.samplings[r] for r in self.rows], self.stop_ids, first=self.steps == 0)

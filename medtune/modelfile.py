@@ -5,7 +5,8 @@ and `.Content`; https://github.com/ollama/ollama/blob/main/docs/template.md). Th
 in the text the chat template writes around a message of its role, found by rendering the template with placeholder
 contents, and ends with the template's generation prompt. It is checked against the chat template on multi-turn
 conversations before it is written; a template that is not such a wrapping (Mistral-Instruct v3 moves the system
-message into the last user turn) gets no Modelfile, with the reason.
+message into the last user turn; Llama 3's trims every content, which a Go template cannot) gets no Modelfile,
+with the reason.
 
 Ollama puts SYSTEM first when a conversation has no system message, so the conversations checked start with one.
 The template's leading bos_token is left out when the tokenizer adds it (`tokenizer.ggml.add_bos_token`), as
@@ -20,7 +21,7 @@ from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, ChatFormat
 
 _MARK = "\ue000"  # a private-use character: never in a template
 _CHECKS = (
-    [("system", "S"), ("user", "U1")],
+    [("system", "S"), ("user", " U1 ")],  # surrounding spaces: a template that trims contents (Llama 3's) differs
     [("system", "S"), ("user", "U1"), ("assistant", "A1"), ("user", "U2")],
     [("system", "S"), ("user", "U1"), ("assistant", "A1"), ("user", "U2"), ("assistant", "A2"), ("user", "U3")],
 )
@@ -31,7 +32,7 @@ class ModelfileError(ValueError):
 
 
 def _conversation(pairs) -> list[dict]:
-    return [{"role": r, "content": f"{c} text\nline two"} for r, c in pairs]
+    return [{"role": r, "content": f"{c} text\nline two{' ' if c.endswith(' ') else ''}"} for r, c in pairs]
 
 
 def go_template(fmt: ChatFormat, add_bos: bool) -> str:

@@ -27,6 +27,7 @@ if [[ "${1:-}" == "--system" ]]; then
 fi
 
 if [[ "${1:-}" == "--llama-cpp" ]]; then
+  [[ -x "$VENV/bin/python" ]] || { echo "$VENV does not exist: run scripts/setup.sh first" >&2; exit 1; }
   # llama-cpp-python for GGUF models on llama.cpp (medtune.llama_cpp_engine, q4_k_m export), compiled from PyPI's
   # sdist (about 4 minutes on 2 cores) with flags that run on every x86-64 CPU with AVX2: a native build
   # (-DGGML_NATIVE=ON) segfaulted on its first decode on an Intel Xeon with AMX. The wheel is kept in a folder named
@@ -44,7 +45,7 @@ if [[ "${1:-}" == "--llama-cpp" ]]; then
     fi
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps \
       "$wheels"/llama_cpp_python-$version-*.whl
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check diskcache jinja2 typing-extensions numpy
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check diskcache==5.6.3  # the rest: transformers' own
     echo "$flags" > "$VENV/.llama-cpp-flags"
   fi
   exit 0

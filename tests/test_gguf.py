@@ -15,7 +15,7 @@ import pytest
 from families import FAMILIES, build_model
 from llama_cpp import Llama
 
-from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, ChatFormat
+from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, ChatFormat, with_system_prompt
 from medtune.decoding import complete, new_batch
 from medtune.generation import Sampling
 from medtune.gguf import gguf_file
@@ -82,13 +82,40 @@ def test_batched_llama_cpp_replies_equal_one_at_a_time_and_sequences_come_back(t
     model, fmt = load_for_inference(path, engine="llama.cpp", max_sequences=4)
     alone = [complete(model, fmt, [c], 10)[0].text for c in CONVERSATIONS]
     assert [c.text for c in complete(model, fmt, CONVERSATIONS, 10)] == alone
-    # A batch dropped half way (every request cancelled) gives its sequences back, their KV cells cleared.
-    batch = new_batch(model, fmt, [fmt.prompt_ids(c) for c in CONVERSATIONS], [Sampling()] * 3)
+    # Rows leaving give their sequences and KV cells back, and close() the rest (a batch whose requests all went).
+    batch = new_batch(model, fmt, [fmt.prompt_ids(c) for c in CONVERSATIONS], [Sampling()] * 3, [10] * 3)
+    assert model.cells_free == model.context_size - sum(len(fmt.prompt_ids(c)) + 10 for c in CONVERSATIONS)
     batch.advance(batch.sample(), [True, False, True])
     assert len(model._free) == 2
-    del batch
-    assert len(model._free) == 4
+    batch.close()
+    assert len(model._free) == 4 and model.cells_free == model.context_size
     assert [c.text for c in complete(model, fmt, CONVERSATIONS, 10)] == alone
+
+
+def test_requests_wait_for_kv_cells_instead_of_failing(tiny_model_dir, tmp_path):
+    """The KV cache is shared by all sequences: requests whose prompts and max_tokens do not fit together wait for
+    cells, and every one is answered, as when it runs alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from serve_helpers import local_server
+
+    (path,) = write_gguf(tiny_model_dir, ["q8_0"], tmp_path)
+    model, fmt = load_for_inference(path, engine="llama.cpp", max_sequences=8, context_size=400)
+    ask = [[{"role": "user", "content": f"Patient {i}: dizzy and tired, what should I do?"}] for i in range(8)]
+    alone = [c.text for c in complete(model, fmt, [with_system_prompt(m, DEFAULT_SYSTEM_PROMPT) for m in ask], 150)]
+    with local_server((model, fmt), max_batch_size=8) as server:
+        def post(messages):
+            r = httpx.post(server.url + "/v1/chat/completions", timeout=120,
+                           json={"messages": messages, "max_tokens": 150, "temperature": 0})
+            return r.status_code, r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
+
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(post, ask))
+        stats = server.backend.batcher.stats
+    assert [r[0] for r in replies] == [200] * 8 and stats["failed"] == 0
+    assert [r[1] for r in replies] == alone
+    assert model.cells_free == 400
 
 
 def test_export_refuses_bad_types_and_other_architectures_before_any_work(tiny_model_dir, tmp_path):
@@ -122,7 +149,7 @@ def test_truncated_and_foreign_files_are_named_errors(tmp_path):
             assert str(path) in run.stderr
 
 
-@pytest.mark.parametrize("family", ["starling", "chatml", "llama3"])
+@pytest.mark.parametrize("family", ["starling", "chatml"])
 def test_modelfile_template_renders_what_the_chat_template_renders(family, tmp_path):
     from families import tokenizer
 
@@ -130,16 +157,18 @@ def test_modelfile_template_renders_what_the_chat_template_renders(family, tmp_p
     add_bos = fmt.tokenizer("a").input_ids[:1] == [fmt.tokenizer.bos_token_id]
     template = go_template(fmt, add_bos)
     bos = fmt.tokenizer.bos_token if add_bos else ""
-    for messages in [CONVERSATIONS[0], CONVERSATIONS[2],
-                     [{"role": "system", "content": "S"}, *CONVERSATIONS[1]]]:
+    for messages in [CONVERSATIONS[0], CONVERSATIONS[2], [{"role": "system", "content": "S"}, *CONVERSATIONS[1]],
+                     [{"role": "system", "content": " padded \n"}, {"role": "user", "content": "  hi  "}]]:
         assert bos + gotemplate.render(template, messages) == fmt.render(messages, True)
 
 
-def test_modelfile_is_refused_for_a_template_that_moves_the_system_message():
+@pytest.mark.parametrize("family", ["mistral_v3", "llama3"])
+def test_modelfile_is_refused_for_templates_a_go_template_cannot_reproduce(family):
+    """Mistral v3 moves the system message into the last user turn; Llama 3's template trims every content."""
     from families import tokenizer
 
     with pytest.raises(ModelfileError, match="cannot reproduce it"):
-        go_template(ChatFormat(tokenizer("mistral_v3")), False)
+        go_template(ChatFormat(tokenizer(family)), False)
 
 
 def test_export_writes_gguf_and_modelfile_beside_the_merged_model(random_adapter_dir, tmp_path):

@@ -35,7 +35,7 @@ def decode(model, fmt, conversations, max_new, samplings=None, drop_after=None):
     """Tokens per row from the model's decoding batch; `drop_after` = {row: n} makes a row leave the batch after n
     tokens."""
     prompts = [fmt.prompt_ids(c) for c in conversations]
-    batch = new_batch(model, fmt, prompts, samplings or [Sampling()] * len(prompts))
+    batch = new_batch(model, fmt, prompts, samplings or [Sampling()] * len(prompts), [max_new] * len(prompts))
     out = [[] for _ in prompts]
     while batch.rows:
         tokens = batch.sample()

@@ -289,11 +289,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows, tuned, base, remote, failed = _evaluate_endpoints(args, rows, vignettes, all_rows, system_prompt)
         header |= remote
     else:
+        from medtune.inference import pick_engine
+
         try:
             tuned, base, baseline = _evaluate_models(args, rows, vignettes, system_prompt)
-        except GGUFExportError as err:  # a damaged .gguf
+        except (GGUFExportError, OSError) as err:  # a missing or damaged .gguf
             raise SystemExit(f"medtune-eval: {err}") from None
-        header |= {"baseline": baseline, "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}
+        header |= {"baseline": baseline, "max_new_tokens": args.max_new_tokens, "decoding": "greedy",
+                   "engine": pick_engine(args.model, args.engine)}
         if adapters.is_adapter(args.model):  # which base weights the adapter ran on (medtune.inference.load_base)
             header["adapter_base"] = args.adapter_base if adapters.trained_quantization(args.model) else "original"
     sides = [tuned] + ([base] if base else [])

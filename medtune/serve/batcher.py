@@ -126,8 +126,7 @@ class Batcher:
                     self._cond.wait()
                 if self._closing:
                     break
-                free = self.max_batch_size - sum(len(b.batch.rows) for b in batches)
-                jobs = [self._waiting.popleft() for _ in range(min(max(free, 0), len(self._waiting)))]
+                jobs = self._admit(self.max_batch_size - sum(len(b.batch.rows) for b in batches))
             if jobs and (started := self._guarded(jobs, self._start, jobs)):
                 batches.append(started)
             for running in batches:
@@ -135,11 +134,28 @@ class Batcher:
             self._flush()  # the clients get this round's tokens while the next one is computed
             for ended in [b for b in batches if not b.batch.rows or all(j.done for j in b.jobs)]:
                 self._last_batch_s = time.monotonic() - ended.started  # how long a wait for room may last
+                ended.batch.close()
             batches = [b for b in batches if b.batch.rows and not all(j.done for j in b.jobs)]
             self._active = [j for b in batches for j in b.jobs]
+        for running in batches:
+            running.batch.close()
         self._end([j for j in [*self._active, *self._waiting] if not j.done], "failed",
                   ("error", "the server is shutting down"))
         self._flush()
+
+    def _admit(self, free: int) -> list[Job]:
+        """The waiting jobs to start now, in order: at most `free`, and for a llama.cpp model only as many as its
+        free KV cells hold (prompt and max_tokens each); the next one waits for cells to come back."""
+        cells = getattr(self.model, "cells_free", None)
+        jobs: list[Job] = []
+        while self._waiting and len(jobs) < free:
+            need = len(self._waiting[0].prompt) + self._waiting[0].max_tokens
+            if cells is not None:
+                if need > cells:
+                    break
+                cells -= need
+            jobs.append(self._waiting.popleft())
+        return jobs
 
     def _guarded(self, jobs: list[Job], work, *args):
         """work(*args), or after a failure the end of `jobs` with an error: a failed batch fails its requests, never
@@ -159,7 +175,8 @@ class Batcher:
             return None
         self._active += jobs
         self.stats["batches"] += 1
-        batch = new_batch(self.model, self.fmt, [j.prompt for j in jobs], [j.sampling for j in jobs])
+        batch = new_batch(self.model, self.fmt, [j.prompt for j in jobs], [j.sampling for j in jobs],
+                          [j.max_tokens for j in jobs])
         running = _Running(jobs, [Reply(self.fmt, j.max_tokens, j.stop) for j in jobs], batch, time.monotonic())
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
         return running

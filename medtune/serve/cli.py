@@ -18,7 +18,6 @@ from pathlib import Path
 from medtune.command_line import add_runtime_arguments
 from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
 from medtune.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
-from medtune.gguf_export import GGUFExportError
 from medtune.serve.connections import ConnectionLimits, backlog, default_max_connections
 from medtune.serve.protocol import Limits
 from medtune.serve.security import allowed_hosts, is_loopback
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         backend = build_backend(args)
-    except (GGUFExportError, ValueError) as err:  # a damaged .gguf, an engine that cannot run the model
+    except (ValueError, OSError) as err:  # a missing or damaged .gguf, an engine that cannot run the model
         p.error(str(err))
     app = create_app(backend, settings)
     log.info("web chat on http://%s:%d/  API on http://%s:%d/v1%s", args.host, args.port, args.host, args.port,
