@@ -8,6 +8,7 @@
     --engine  what runs a model to generate with: transformers, or llama.cpp for a .gguf file
 
 Recipe keys (medtune-train, medtune-prepare-data) are spelled as in the YAML (--max_steps); --max-steps works too.
+--help lists them, with the values of the recipe given before it (--config R --help) as the defaults.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
 """A YAML recipe plus `--key value` overrides -> a validated `Recipe`, before anything heavy runs.
 
-Parsing is TRL's `TrlParser` (the same flat YAML recipes as TRL scripts and alignment-handbook) over the dataclasses
-of medtune.arguments: the recipe's values become the parser's defaults and the command line overrides them. The
-checks here name the key and the fix in one line, so a bad recipe fails in a second, not after the model has loaded.
+Parsing is TRL's `TrlParser.parse_args_and_config` (the same flat YAML recipes as TRL scripts and alignment-handbook)
+over the dataclasses of medtune.arguments: the recipe's values become the parser's defaults and the command line
+overrides them. The checks here name the key and the fix in one line, so a bad recipe fails in a second, not after
+the model has loaded.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
-import os
 import re
 import sys
 import types
@@ -33,9 +34,49 @@ class ConfigError(ValueError):
     """A recipe problem, reported before any model or data is loaded."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help as TrlParser prints it (each key with its default), the description as written."""
+
+
 class _Parser(TrlParser):
+    """TrlParser, which reads the recipe (`--config`, its `env:` block) and the command line over it, plus what it
+    lacks for medtune's recipes; each addition says what TrlParser lacks."""
+
+    def __init__(self, path: str | None, description: str | None = None):
+        # allow_abbrev=False: argparse would take a misspelt key for a key it abbreviates (--lora_alph as --lora_alpha).
+        # usage: TrlParser's lists every key, some 300 of them, and not --config.
+        super().__init__(ARGUMENTS, allow_abbrev=False, usage="%(prog)s --config recipe.yaml [--key value ...]",
+                         description=description, formatter_class=_HelpFormatter)
+        self.where = f"recipe {path}"
+        self.overrides: dict = {}  # values that take the place of the recipe's (parse_recipe's `replace`)
+        self.mixtures: dict = {}
+
     def error(self, message: str):  # argparse would print the whole usage and exit; one line is clearer
         raise ConfigError(f"{message} (see README.md 'Configuration reference')")
+
+    def set_defaults_with_config(self, **config) -> list[str]:
+        # TrlParser takes the recipe's keys as written, and lists unknown ones only after parsing, as "--key value"
+        # strings without the file or a suggestion; argparse never type-checks these values (they become defaults).
+        values = {**{KEY_ALIASES.get(k, k): v for k, v in config.items()}, **self.overrides}
+        for key in values:
+            if key not in _known_keys():
+                raise _unknown_key_error(key, self.where)
+        # A list of mappings is no argparse value: kept out of the parser and set on the parsed recipe as written.
+        self.mixtures = {key: values.pop(key) for key in MIXTURE_KEYS if key in values}
+        _check_types(values, self.where)
+        return super().set_defaults_with_config(**values)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        # TrlParser reports the words it cannot use in one list, once the dataclasses are built: name the first.
+        if extras and extras[0].startswith("--"):
+            raise _unknown_key_error(extras[0][2:], "command line")
+        if extras:
+            raise ConfigError(f"unexpected argument {extras[0]!r}: use --key value")
+        # SFTConfig refuses both too, but without the fix.
+        if namespace.fp16 and namespace.bf16:
+            raise ConfigError("fp16 and bf16 are both true: set only one of them (bf16 on Ampere or newer GPUs)")
+        return namespace, extras
 
 
 def _known_keys() -> set[str]:
@@ -43,7 +84,8 @@ def _known_keys() -> set[str]:
 
 
 def read_recipe(path: str) -> dict:
-    """The key: value mapping of a recipe file, older key names resolved (KEY_ALIASES)."""
+    """The key: value mapping of a recipe file, older key names resolved (KEY_ALIASES). TrlParser reads the file too,
+    but a missing or malformed one is a traceback there, and its messages name no file."""
     import yaml
 
     if not Path(path).is_file():
@@ -54,6 +96,8 @@ def read_recipe(path: str) -> dict:
         raise ConfigError(f"recipe {path}: not valid YAML ({err})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: must be a mapping of key: value")
+    if not isinstance(data.get("env", {}), dict):
+        raise ConfigError(f"recipe {path}: `env` field should be a dict in the YAML file")
     return {KEY_ALIASES.get(k, k): v for k, v in data.items()}
 
 
@@ -63,67 +107,53 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key {key!r}; {hint}")
 
 
-def _command_line(argv: list[str]) -> tuple[str | None, list[tuple[str, list[str]]]]:
-    """(--config's value, [(key, its values), ...] in order) with keys spelled as the dataclasses do: dashes read as
-    underscores (--max-steps as --max_steps, as transformers' HfArgumentParser accepts it) and older names resolved.
-    A key takes every value up to the next --key, so list keys take several (--lora_target_modules q_proj v_proj)."""
-    pairs: list[tuple[str, list[str]]] = []
+def _command_line(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """[(key, its values), ...] in order, words before the first key under "". Keys are read with dashes as
+    underscores and older names resolved (TrlParser knows --max-steps, not --max-seq-length), --key=value as --key
+    value (TrlParser reads --config only as `--config path`). A key takes every value up to the next --key, so list
+    keys take several (--lora_target_modules q_proj v_proj)."""
+    pairs: list[tuple[str, list[str]]] = [("", [])]
     for arg in argv:
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             key = name.replace("-", "_")
             pairs.append((KEY_ALIASES.get(key, key), [value] if eq else []))
-        elif pairs:
-            pairs[-1][1].append(arg)
         else:
-            raise ConfigError(f"unexpected argument {arg!r}: use --key value")
-    config = next((values[-1] for key, values in reversed(pairs) if key == "config" and values), None)
-    return config, [(key, values) for key, values in pairs if key != "config"]
+            pairs[-1][1].append(arg)
+    return pairs
 
 
-def _truthy(value) -> bool:
-    return value is True or str(value).lower() in ("true", "1", "yes")
-
-
-def parse_recipe(argv: list[str] | None = None, replace: dict | None = None) -> Recipe:
-    """`--config recipe.yaml --key value ...` -> validated Recipe. Raises ConfigError on any problem.
+def parse_recipe(argv: list[str] | None = None, replace: dict | None = None, description: str | None = None) -> Recipe:
+    """`--config recipe.yaml --key value ...` -> validated Recipe. Raises ConfigError on any problem; --help prints
+    the recipe keys (below `description`) and exits.
 
     `replace`: recipe values that take the place of the file's (typed, as in YAML; None unsets a key) before the
     command line applies, for callers that build on a recipe file programmatically.
     """
-    path, pairs = _command_line(list(sys.argv[1:] if argv is None else argv))
-    cli = dict(pairs)
-    where = f"recipe {path}"
-    values = {**(read_recipe(path) if path else {}), **(replace or {})}
-    env = values.pop("env", {})
-    if not isinstance(env, dict):
-        raise ConfigError(f"{where}: `env` field should be a dict in the YAML file")
-    for key in values:
-        if key not in _known_keys():
-            raise _unknown_key_error(key, where)
-    for key in cli:
-        if key not in _known_keys():
-            raise _unknown_key_error(key, "command line")
+    pairs = _command_line(list(sys.argv[1:] if argv is None else argv))
+    path = next((values[-1] for key, values in reversed(pairs) if key == "config" and values), None)
+    for key, _ in pairs:
         if key in MIXTURE_KEYS:
             raise ConfigError(f"{key} is a list of datasets: set it in the recipe file (docs/DATA.md \"Mixtures\")")
-    # A list of mappings is no argparse value: kept out of the parser and set on the parsed recipe as written.
-    mixtures = {key: values.pop(key) for key in MIXTURE_KEYS if key in values}
-    _check_types(values, where)
-    merged = {**values, **{k: v[-1] if v else True for k, v in cli.items()}}
-    if _truthy(merged.get("fp16")) and _truthy(merged.get("bf16")):
-        raise ConfigError("fp16 and bf16 are both true: set only one of them (bf16 on Ampere or newer GPUs)")
-    os.environ.update({key: str(value) for key, value in env.items()})  # TrlParser's `env:` block, as it does it
-    parser = _Parser(ARGUMENTS)
-    # Keys typed `str | list[str]` (report_to) get one value from argparse: several values are given as the list.
-    lists = {k: v for k, v in cli.items() if len(v) > 1 and parser._option_string_actions[f"--{k}"].nargs is None}
-    parser.set_defaults_with_config(**{**values, **lists})
-    args = [x for key, vals in pairs if key not in lists for x in (f"--{key}", *vals)]
+    parser = _Parser(path, description)
+    # TrlParser gives a key typed `str | list[str]` (report_to) one value: several are given as the list. argparse's
+    # map of option strings to actions is private (pinned in tests/test_private_apis.py).
+    actions = parser._option_string_actions
+    lists = {k: v for k, v in pairs if len(v) > 1 and f"--{k}" in actions and actions[f"--{k}"].nargs is None}
+    _check_types(lists, "command line")
+    parser.overrides = {**(replace or {}), **lists}
+    args = [x for key, values in pairs if key not in ("config", *lists)
+            for x in ([f"--{key}"] if key else []) + values]
+    if path and read_recipe(path):
+        args = ["--config", path, *args]
+    else:  # TrlParser sets defaults only from a recipe file (and refuses an empty one): set `replace` and lists here
+        parser.set_defaults_with_config()
     try:
-        parsed = parser.parse_args_into_dataclasses(args)
-    except ValueError as err:
+        parsed = parser.parse_args_and_config(args)
+    except ValueError as err:  # a dataclass refusing a value
         raise ConfigError(str(err)) from None
     recipe = Recipe(*parsed, path)
-    for key, value in mixtures.items():
+    for key, value in parser.mixtures.items():
         setattr(recipe.data, key, value)
     _one_module_is_a_list(recipe.model)
     validate(recipe)
@@ -137,10 +167,10 @@ def _one_module_is_a_list(model) -> None:
         model.lora_target_modules = [model.lora_target_modules]
 
 
-def recipe_from_command_line(argv: list[str] | None = None) -> Recipe:
-    """For command-line entry points: the parsed recipe, or exit with its one-line error."""
+def recipe_from_command_line(argv: list[str] | None = None, description: str | None = None) -> Recipe:
+    """For command-line entry points: the parsed recipe, or exit with its one-line error (or after --help)."""
     try:
-        return parse_recipe(argv)
+        return parse_recipe(argv, description=description)
     except ConfigError as err:
         sys.exit(f"medtune: {err}")
 

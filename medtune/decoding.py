@@ -56,11 +56,11 @@ def prefill(model, tok, prompts: list[list[int]], cache: DynamicCache) -> tuple[
 
 
 @torch.inference_mode()
-def sample(logits: torch.Tensor, samplings: list[Sampling], stop_ids: list[int], first: bool) -> list[int]:
-    """The next token of each row of `logits` (rows x vocabulary), each with its own sampling settings; on the `first`
-    step never a stop id (at least one token)."""
-    if first:
-        logits[:, stop_ids] = float("-inf")
+def sample(logits: torch.Tensor, samplings: list[Sampling], stop_ids: list[int], fresh: list[bool]) -> list[int]:
+    """The next token of each row of `logits` (rows x vocabulary), each with its own sampling settings; a `fresh` row
+    (its first token) never gets a stop id, so every reply has at least one token."""
+    if rows := [i for i, f in enumerate(fresh) if f]:
+        logits[torch.tensor(rows)[:, None], torch.tensor(stop_ids)[None]] = float("-inf")
     tokens = logits.argmax(-1)
     for i, s in enumerate(samplings):
         if not s.greedy:
@@ -72,19 +72,25 @@ def sample(logits: torch.Tensor, samplings: list[Sampling], stop_ids: list[int],
 
 
 class DecodeBatch:
-    """Prefill on construction; then `sample()` the next token of every row and `advance()` the rows kept.
+    """Prefill on construction; then `sample()` the next token of every row and `advance()` the rows kept; `join()`
+    takes the rows of another batch in between, as vLLM's continuous batching does.
 
-    `rows` holds the indices (into the prompts given) of the rows still in the batch, in batch order.
+    `rows` holds the indices of the rows still in the batch, in batch order: indices into the prompts given, and for
+    a joined batch's rows into the prompts of both (this batch's first, `size` of them).
     """
 
     @torch.inference_mode()
     def __init__(self, model, fmt: ChatFormat, prompts: list[list[int]], samplings: list[Sampling]):
-        self.model, self.samplings = model, samplings
+        self.model, self.samplings = model, list(samplings)
         self.stop_ids = list(fmt.stop_ids)
         self.cache = DynamicCache(config=model.config)
         self.rows = list(range(len(prompts)))
-        self.steps = 0
+        self.fresh = [True] * len(prompts)  # rows whose first token is next
         self._logits, self.mask, self.positions = prefill(model, fmt.tokenizer, prompts, self.cache)
+
+    @property
+    def size(self) -> int:
+        return len(self.samplings)
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=self.positions,
@@ -94,10 +100,29 @@ class DecodeBatch:
     @torch.inference_mode()
     def sample(self) -> list[int]:
         """The next token of every row in `rows`, each with its own sampling settings."""
-        return sample(self._logits, [self.samplings[r] for r in self.rows], self.stop_ids, first=self.steps == 0)
+        return sample(self._logits, [self.samplings[r] for r in self.rows], self.stop_ids, self.fresh)
 
     def close(self) -> None:
         """Nothing to give back: the KV cache is the batch's own (llama.cpp's batches share one)."""
+
+    @torch.inference_mode()
+    def join(self, other: DecodeBatch) -> None:
+        """Take `other`'s rows (prefilled, not yet sampled) at the end of this batch, between an `advance()` and the
+        next `sample()`. The shorter KV cache is left-padded to the longer one's length, its padding masked; each
+        row keeps its own positions, so it computes what it would alone. transformers has no such merge."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            length = max(mine.keys.shape[-2], theirs.keys.shape[-2])
+            mine.keys = torch.cat([_left_pad(mine.keys, length, -2), _left_pad(theirs.keys, length, -2)])
+            mine.values = torch.cat([_left_pad(mine.values, length, -2), _left_pad(theirs.values, length, -2)])
+            if hasattr(mine, "cumulative_length"):  # a sliding-window layer counts the tokens it has seen
+                mine.cumulative_length = max(mine.cumulative_length, theirs.cumulative_length)
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        self.positions = torch.cat([self.positions[:, -1:], other.positions[:, -1:]])
+        self._logits = torch.cat([self._logits, other._logits])
+        self.rows += [self.size + r for r in other.rows]
+        self.fresh += other.fresh
+        self.samplings += other.samplings
 
     @torch.inference_mode()
     def advance(self, tokens: list[int], keep: list[bool]) -> None:
@@ -111,10 +136,26 @@ class DecodeBatch:
             self.cache.batch_select_indices(index)
             self.mask, self.positions = self.mask[index], self.positions[index]
             tokens = [tokens[i] for i in kept]
+            self._drop_padding()
+        self.fresh = [False] * len(self.rows)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         self.positions = self.positions[:, -1:] + 1
         self._logits = self._forward(torch.tensor(tokens, device=self.mask.device)[:, None])
-        self.steps += 1
+
+    def _drop_padding(self) -> None:
+        """Cut the cache's columns that are padding in every row left (a long row that joined others has gone)."""
+        lead = int(self.mask.any(0).int().argmax())
+        if lead and all(layer.keys.shape[-2] == self.mask.shape[1] for layer in self.cache.layers):
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+            self.mask = self.mask[:, lead:]
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """`t` with zeros before its entries along `dim`, to `length`."""
+    shape = list(t.shape)
+    shape[dim] = length - t.shape[dim]
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def new_batch(model, fmt: ChatFormat, prompts: list[list[int]], samplings: list[Sampling], max_tokens: list[int]):
@@ -125,35 +166,31 @@ def new_batch(model, fmt: ChatFormat, prompts: list[list[int]], samplings: list[
     return DecodeBatch(model, fmt, prompts, samplings)
 
 
-def _groups(model, prompts: list[list[int]], max_new_tokens: int) -> Iterator[list[list[int]]]:
-    size, cells = getattr(model, "max_sequences", None), getattr(model, "context_size", None)
-    group, used = [], 0
-    for prompt in prompts:
-        need = len(prompt) + max_new_tokens
-        if group and ((size and len(group) == size) or (cells and used + need > cells)):
-            yield group
-            group, used = [], 0
-        group.append(prompt)
-        used += need
-    if group:
-        yield group
+def room(model, needs: list[int]) -> int:
+    """How many of the replies that need `needs` tokens (prompt and max tokens each), in order, can start now: a
+    llama.cpp model holds as many as its free sequences and KV cells take; a transformers model has no such bound."""
+    return model.fits(needs) if hasattr(model, "fits") else len(needs)
 
 
 def complete(model, fmt: ChatFormat, conversations: Sequence[Messages], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              sampling: Sampling = GREEDY) -> list[Completion]:
     """Replies with finish reasons and token counts for a batch of conversations (for a llama.cpp model, in groups
     that fit the sequences and KV cells it holds at once)."""
-    out = []
-    for prompts in _groups(model, [fmt.prompt_ids(c) for c in conversations], max_new_tokens):
-        replies = [Reply(fmt, max_new_tokens) for _ in prompts]
-        texts: list[list[str]] = [[] for _ in prompts]
-        batch = new_batch(model, fmt, prompts, [sampling] * len(prompts), [max_new_tokens] * len(prompts))
-        while batch.rows:
-            tokens = batch.sample()
-            for row, token in zip(batch.rows, tokens):
-                texts[row].append(replies[row].add(token))
-            batch.advance(tokens, [replies[row].finish_reason is None for row in batch.rows])
-        out += [Completion("".join(t), r.finish_reason, len(p), r.tokens) for t, r, p in zip(texts, replies, prompts)]
+    prompts, out = [fmt.prompt_ids(c) for c in conversations], []
+    while len(out) < len(prompts):
+        # At least one: a reply that can never fit fails in the engine, with a message that says why.
+        group = prompts[len(out):][:max(1, room(model, [len(p) + max_new_tokens for p in prompts[len(out):]]))]
+        replies = [Reply(fmt, max_new_tokens) for _ in group]
+        batch = new_batch(model, fmt, group, [sampling] * len(group), [max_new_tokens] * len(group))
+        try:
+            while batch.rows:
+                tokens = batch.sample()
+                for row, token in zip(batch.rows, tokens):
+                    replies[row].add(token)
+                batch.advance(tokens, [replies[row].finish_reason is None for row in batch.rows])
+        finally:
+            batch.close()
+        out += [r.completion(len(p)) for r, p in zip(replies, group)]
     return out
 
 

@@ -118,11 +118,13 @@ class ReplyText:
 
 
 class Reply:
-    """One reply as its tokens arrive: `add(token)` gives the text to send; `finish_reason` is set once it ended."""
+    """One reply as its tokens arrive: `add(token)` gives the text to send; `finish_reason` is set once it ended, and
+    `completion()` is the finished reply."""
 
     def __init__(self, fmt: ChatFormat, max_tokens: int, stop: tuple[str, ...] = ()):
         self._stop_ids = fmt.stop_ids
         self._text = ReplyText(fmt.tokenizer, stop)
+        self._pieces: list[str] = []
         self.max_tokens = max_tokens
         self.tokens = 0  # generated, the stop id included
         self.finish_reason: str | None = None
@@ -131,11 +133,16 @@ class Reply:
         self.tokens += 1
         if token in self._stop_ids:
             self.finish_reason = "stop"
-            return self._text.flush()
-        piece, stopped = self._text.add(token)
-        if stopped:
-            self.finish_reason = "stop"
-        elif self.tokens >= self.max_tokens:
-            self.finish_reason = "length"
-            piece += self._text.flush()
+            piece = self._text.flush()
+        else:
+            piece, stopped = self._text.add(token)
+            if stopped:
+                self.finish_reason = "stop"
+            elif self.tokens >= self.max_tokens:
+                self.finish_reason = "length"
+                piece += self._text.flush()
+        self._pieces.append(piece)
         return piece
+
+    def completion(self, prompt_tokens: int) -> Completion:
+        return Completion("".join(self._pieces), self.finish_reason, prompt_tokens, self.tokens)

@@ -113,6 +113,15 @@ class LlamaCppModel:
         fit, so that the cache, shared by all sequences, never fills half way through a reply."""
         return self.context_size - sum(self._reserved.values())
 
+    def fits(self, needs: list[int]) -> int:
+        """How many of the replies needing `needs` KV cells, in order, the free sequences and cells hold now."""
+        n, cells = 0, self.cells_free
+        for need in needs[:len(self._free)]:
+            if need > cells:
+                break
+            cells, n = cells - need, n + 1
+        return n
+
     def acquire(self, needs: list[int]) -> list[int]:
         """Sequences for replies that take `needs` KV cells each (prompt and max tokens), reserved until released."""
         if len(needs) > len(self._free) or sum(needs) > self.cells_free:
@@ -156,10 +165,10 @@ class LlamaCppBatch:
 
     def __init__(self, engine: LlamaCppModel, fmt, prompts: list[list[int]], samplings: list[Sampling],
                  max_tokens: list[int]):
-        self.engine, self.samplings = engine, samplings
+        self.engine, self.samplings = engine, list(samplings)
         self.stop_ids = list(fmt.stop_ids)
         self.rows = list(range(len(prompts)))
-        self.steps = 0
+        self.fresh = [True] * len(prompts)
         self.seqs = engine.acquire([len(p) + m for p, m in zip(prompts, max_tokens)])
         # Rows give their sequences back as they leave (advance) and the rest on close(); the finalizer is the
         # backstop for a batch dropped without either.
@@ -176,8 +185,22 @@ class LlamaCppBatch:
         """Give the sequences of the rows still here back to the engine (the batch is being dropped)."""
         self.engine.release(self.seqs)
 
+    @property
+    def size(self) -> int:
+        return len(self.samplings)
+
     def sample(self) -> list[int]:
-        return sample(self._logits, [self.samplings[r] for r in self.rows], self.stop_ids, first=self.steps == 0)
+        return sample(self._logits, [self.samplings[r] for r in self.rows], self.stop_ids, self.fresh)
+
+    def join(self, other: LlamaCppBatch) -> None:
+        """Take `other`'s rows: their sequences already live in the same KV cache, so they just step with these."""
+        self.rows += [self.size + r for r in other.rows]
+        self.seqs += other.seqs
+        other.seqs.clear()  # now released by this batch
+        self.lengths += other.lengths
+        self.fresh += other.fresh
+        self.samplings += other.samplings
+        self._logits = torch.cat([self._logits, other._logits])
 
     def advance(self, tokens: list[int], keep: list[bool]) -> None:
         gone = [i for i, k in enumerate(keep) if not k]
@@ -189,6 +212,6 @@ class LlamaCppBatch:
             self.lengths = [self.lengths[i] for i in kept]
             if not kept:
                 return
+        self.fresh = [False] * len(self.rows)
         self._logits = self.engine.decode([(t, n, seq, True) for t, n, seq in zip(tokens, self.lengths, self.seqs)])
         self.lengths = [n + 1 for n in self.lengths]
-        self.steps += 1

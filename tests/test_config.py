@@ -4,6 +4,7 @@ recipe, accelerate and DeepSpeed config loading through the library that reads i
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import yaml
@@ -85,6 +86,9 @@ def _recipe(tmp_path, **changes):
         ({}, ["--max_train_samples", "-5"], r"^max_train_samples=-5: use at least 1"),
         ({"max_eval_samples": -1}, [], r"^max_eval_samples=-1: use 0 or more"),
         ({"env": ["A=1"]}, [], r"`env` field should be a dict"),
+        ({}, ["--lora_alph", "8"], r"command line: unknown key 'lora_alph'; did you mean 'lora_alpha'"),
+        ({}, ["--packing", "true", "yes"], r"^unexpected argument 'yes': use --key value$"),
+        ({}, ["--lora_r", "4", "5"], r"^command line: key 'lora_r' must be int, got \['4', '5'\]"),
     ],
 )
 def test_bad_recipes_fail_with_the_key_and_the_fix(tmp_path, changes, argv, expected):
@@ -139,6 +143,30 @@ def test_list_keys_take_several_values_on_the_command_line():
     assert r.training.max_steps == 5 and r.training.packing is True and r.model.lora_r == 4
     with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
         parse_recipe(["stray", "--config", str(REFERENCE)])
+
+
+def test_an_empty_recipe_takes_replace_and_the_command_line(tmp_path):
+    from medtune.config import read_recipe
+
+    (tmp_path / "empty.yaml").write_text("")
+    r = parse_recipe(["--config", str(tmp_path / "empty.yaml"), "--lora_r", "4"], replace=read_recipe(str(REFERENCE)))
+    reference = parse_recipe(["--config", str(REFERENCE), "--lora_r", "4"])
+    assert r.path == str(tmp_path / "empty.yaml") and (r.model, r.data) == (reference.model, reference.data)
+
+
+@pytest.mark.parametrize("main, argv", [("medtune.data.prepare", ["--help"]), ("medtune.data.prepare", ["-h"]),
+                                        ("medtune.train", ["--config", str(REFERENCE), "--help"])])
+def test_help_lists_the_recipe_keys_and_exits_0(main, argv, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(main).main(argv)
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--config recipe.yaml [--key value ...]" in out
+    assert "--max_length MAX_LENGTH" in out and "--lora-r LORA_R" in out
+    assert ("--show N" in out) == (main == "medtune.data.prepare")
+    if "--config" in argv:  # the recipe's values are the defaults shown
+        assert re.search(r"--max_length MAX_LENGTH.*?\(default: (\w+)\)", out, re.S).group(1) == "512"
 
 
 def test_chat_template_is_a_jinja_string_or_a_file(tmp_path):

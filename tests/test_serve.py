@@ -317,3 +317,53 @@ def test_options_asking_for_what_the_server_does_are_accepted(options):
 
     req = ChatRequest.model_validate({"messages": ASK, **options})
     assert chat_params(req, Limits(), "", 8, 0.7).messages == ASK
+
+
+def test_response_and_chunk_fields(server):
+    """The bodies are openai's models with only the fields medtune sets, plus "triage": no other field, and no null
+    but a chunk's finish_reason."""
+    body = {"messages": ASK, "max_tokens": 3, "temperature": 0}
+    reply = httpx.post(server.url + CHAT, json=body).json()
+    assert set(reply) == {"id", "object", "created", "model", "triage", "choices", "usage"}
+    (choice,) = reply["choices"]
+    assert set(choice) == {"index", "message", "finish_reason"} and set(choice["message"]) == {"role", "content"}
+    assert set(reply["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + CHAT, json=stream) as r:
+        events = [json.loads(e[6:]) for e in r.read().decode().split("\n\n") if e.startswith("data: {")]
+    first, *pieces, last, usage = events
+    chunk_fields = {"id", "object", "created", "model", "choices"}
+    assert set(first) == chunk_fields | {"triage"} and len({e["id"] for e in events}) == 1
+    assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+    assert pieces and all(set(e) == chunk_fields and e["choices"] == [
+        {"index": 0, "delta": {"content": e["choices"][0]["delta"]["content"]}, "finish_reason": None}] for e in pieces)
+    assert set(last) == chunk_fields and last["choices"] == [
+        {"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]
+    assert set(usage) == chunk_fields | {"usage"} and usage["choices"] == [] and usage["usage"] == reply["usage"]
+
+
+def test_host_and_key_checks():
+    """Starlette's Host check with medtune's refusal: ports and IPv6 brackets as in the header, no redirect to a www.
+    name. FastAPI's HTTPBearer reads the key: the scheme in any case (RFC 7235), the key compared exactly."""
+    from starlette.testclient import TestClient
+
+    from medtune.serve.app import create_app
+    from medtune.serve.security import allowed_hosts
+
+    settings = ServerSettings(api_key=KEY, allowed_hosts=allowed_hosts("fe80::2", ["www.chat.example"]))
+    client = TestClient(create_app(None, settings), follow_redirects=False)  # no backend: its routes are not reached
+    for host in ("localhost", "[::1]:8000", "[FE80::2]:443", "www.chat.example:80"):
+        assert client.get("http://x/", headers={"Host": host}).status_code == 200, host
+    for host, name in (("chat.example", "chat.example"), ("[::2]:8000", "::2"), ("fe80::2", "fe80::2")):
+        r = client.get("http://x/", headers={"Host": host})
+        assert r.status_code == 400 and r.headers["content-type"] == "application/json", host
+        assert r.json() == {"error": {"message": f"this server does not answer for the host name {name!r} "
+                                                 "(see --allowed-hosts)",
+                                      "type": "invalid_request_error", "param": None, "code": "invalid_host"}}
+    local = {"Host": "localhost"}
+    for auth, status in ((f"Bearer {KEY}", 404), (f"bearer {KEY}", 404), (f"Bearer {KEY}x", 401), (f"Basic {KEY}", 401),
+                         (KEY, 401), ("Bearer", 401)):
+        r = client.get("http://x/v1/nothing", headers={**local, "Authorization": auth})
+        assert r.status_code == status, auth
+        if status == 401:
+            assert r.headers["www-authenticate"] == "Bearer" and r.json()["error"]["code"] == "invalid_api_key"

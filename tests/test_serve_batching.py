@@ -75,6 +75,35 @@ def test_rows_leaving_and_sampled_rows_do_not_change_greedy_rows(model_and_tok):
     assert mixed[2] == reference[2] and len(mixed[3]) == 10
 
 
+def test_rows_that_join_a_running_batch_get_the_replies_of_one_at_a_time(model_and_tok):
+    """Newcomers join between steps (shorter and longer prompts than the running rows, a shared system prompt
+    prefix among them), rows leave, and the padding of gone rows is cut: every greedy reply stays its own."""
+    model, fmt = model_and_tok
+    system = {"role": "system", "content": "You are a careful medical assistant. " * 6}
+    convs = [PROMPTS[4], [system, *PROMPTS[0]], [system, *PROMPTS[9]], PROMPTS[2], PROMPTS[13]]
+    single = [decode(model, fmt, [c], 14)[0] for c in convs]
+    prompts = [fmt.prompt_ids(c) for c in convs]
+    arrivals = {0: [0], 3: [1, 2], 6: [3], 9: [4]}  # step -> rows that join before it
+    stop_after = {0: 8, 1: 14, 2: 5, 3: 14, 4: 14}  # row 0 (the longest-running) leaves early
+    batch, order, out, step = None, [], {}, 0
+    while step == 0 or batch.rows:
+        if rows := arrivals.get(step):
+            newcomers = new_batch(model, fmt, [prompts[r] for r in rows], [Sampling()] * len(rows), [14] * len(rows))
+            if batch is None:
+                batch = newcomers
+            else:
+                batch.join(newcomers)
+            order += rows
+        tokens = batch.sample()
+        for r, t in zip(batch.rows, tokens):
+            out.setdefault(order[r], []).append(t)
+        batch.advance(tokens, [len(out[order[r]]) < stop_after[order[r]] for r in batch.rows])
+        step += 1
+    batch.close()
+    assert {r: single[r][:stop_after[r]] for r in range(5)} == out
+    assert len(batch.rows) == 0 and batch.size == 5
+
+
 def test_reply_text_holds_back_a_stop_string_until_it_is_decided(model_and_tok):
     tok = model_and_tok[1].tokenizer
     ids = tok.encode(" Rest and drink fluids. Call a doctor if it gets worse.", add_special_tokens=False)

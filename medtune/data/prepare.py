@@ -53,7 +53,7 @@ def show_rows(recipe, fmt, n: int):
 
 def main(argv: list[str] | None = None) -> None:
     show, as_json, rest = _pop_show(list(sys.argv[1:] if argv is None else argv))
-    recipe = recipe_from_command_line(rest)
+    recipe = recipe_from_command_line(rest, description=__doc__)
     from medtune.data import prepare_dataset
     from medtune.data.preflight import marked_text
     from medtune.model import load_chat_format

@@ -8,30 +8,27 @@ replies are (a Starling reply starts with the space after "GPT4 Correct Assistan
 
 - `connect` checks the key and the served model with GET /models before any row is sent.
 - At most `concurrency` requests are in flight: that many workers, each sending one request at a time.
-- 429 and 503 are retried after the server's Retry-After; timeouts, 408, other 5xx, broken answers and lost
-  connections after an exponential backoff with jitter. Other 4xx (a row over the context, say) cannot succeed
-  and fail the row at once. A row that fails `max_attempts` times is recorded as failed and the run goes on; a
-  server that cannot be reached `max_attempts` times in a row, or refuses the key, ends the run: the replies
-  received so far are in eval_predictions.jsonl, and --resume goes on from there.
+- Requests go through the openai client (`open_client`), with its retry policy, up to `max_attempts` attempts:
+  408, 409, 429, 5xx, timeouts and lost connections are retried after the server's Retry-After (one over 2 minutes
+  is not retried) or else an exponential backoff with jitter. Other 4xx (a row over the context, say) cannot
+  succeed and fail the row at once, as does an answer that is no chat completion. A row that fails is recorded as
+  failed and the run goes on; a server that cannot be reached `max_attempts` times in a row, or refuses the key,
+  ends the run: the replies received so far are in eval_predictions.jsonl, and --resume goes on from there.
+- Every attempt is counted by what came back, for the report's `requests`: by hand (`_CountingTransport`), as the
+  client retries out of sight.
 - Every reply is written as it arrives (medtune.eval.predictions); the report puts them back in row order.
-
-httpx rather than the openai client (which retries 429/503 after Retry-After too): the openai package is no
-runtime dependency, and a run needs rules of its own on top (failed rows recorded while the run goes on, an
-unreachable server ending it), so Retry-After and the backoff are handled here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import random
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import httpx
+import openai
 from tqdm import tqdm
 
 from medtune.eval.predictions import PREDICTIONS, Journal, check_settings, key, read_done
@@ -39,8 +36,7 @@ from medtune.eval.prompt import row_messages
 
 API_KEY_ENV = "MEDTUNE_EVAL_API_KEY"
 TIMEOUT = httpx.Timeout(600.0, connect=10.0)  # a reply queued behind a full batch on a busy server takes minutes
-MAX_BACKOFF_S = 30.0
-MAX_RETRY_AFTER_S = 300.0
+NO_KEY = "none"  # the openai client needs a key; a server without one ignores it
 
 
 @dataclass(frozen=True)
@@ -48,10 +44,6 @@ class Endpoint:
     url: str  # the API's base URL, e.g. http://gpu-node:8000/v1
     model: str  # the served model name requests carry
     api_key: str | None = None
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 class RowFailed(Exception):
@@ -79,11 +71,19 @@ def _error_message(response: httpx.Response) -> str:
 def connect(url: str, api_key: str | None, served_model: str | None, flag: str = "--endpoint") -> Endpoint:
     """The endpoint, once GET /models has shown that the key is accepted and which model to ask for (the only one
     served, or `served_model`, which must be among them). Every failure stops here, before any row."""
-    endpoint = Endpoint(url.rstrip("/"), "", api_key)
-    try:
-        response = httpx.get(endpoint.url + "/models", headers=endpoint.headers, timeout=30)
-    except httpx.HTTPError as e:
-        raise SystemExit(f"{flag} {url}: cannot reach the server ({type(e).__name__}: {e}); is it running?") from None
+    base = url.rstrip("/")
+    # One attempt: a wrong URL or key is reported at once. The answer is read raw, to quote it when it is no list;
+    # on httpx (the client's default is httpx2), whose responses and errors this module reads.
+    with openai.OpenAI(base_url=base, api_key=api_key or NO_KEY, timeout=30, max_retries=0,
+                       http_client=httpx.Client()) as client:
+        try:
+            response = client.models.with_raw_response.list().http_response
+        except openai.APIConnectionError as e:
+            cause = e.__cause__ or e
+            raise SystemExit(f"{flag} {url}: cannot reach the server ({type(cause).__name__}: {cause}); "
+                             "is it running?") from None
+        except openai.APIStatusError as e:
+            response = e.response
     if response.status_code in (401, 403):
         raise SystemExit(f"{flag} {url} refused the API key (HTTP {response.status_code}: {_error_message(response)}); "
                          f"pass the server's key with --api-key or ${API_KEY_ENV}")
@@ -100,67 +100,70 @@ def connect(url: str, api_key: str | None, served_model: str | None, flag: str =
                          "(vLLM with --enable-lora lists the base model and each adapter)")
     if served_model is not None and served_model not in names:
         raise SystemExit(f"{model_flag} {served_model}: {url} does not serve it (it serves {', '.join(names)})")
-    return Endpoint(endpoint.url, served_model or names[0], api_key)
+    return Endpoint(base, served_model or names[0], api_key)
 
 
-def _backoff(attempt: int) -> float:
-    return min(MAX_BACKOFF_S, 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+class _CountingTransport(httpx.AsyncHTTPTransport):
+    """Counts every failed attempt by what came back ("503", "timeout", "ConnectError"); `reply` counts the answer."""
 
+    def __init__(self, answers: Counter, **kwargs):
+        super().__init__(**kwargs)
+        self.answers = answers
 
-def _retry_after(response: httpx.Response, attempt: int) -> float:
-    """The server's Retry-After (seconds or an HTTP date), a little later so that waiting clients do not all come
-    back at once; the backoff when there is none."""
-    value = response.headers.get("retry-after", "")
-    try:
-        seconds = float(value)
-    except ValueError:
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return _backoff(attempt)
-    return min(MAX_RETRY_AFTER_S, max(0.0, seconds)) * random.uniform(1.0, 1.25)
-
-
-async def reply(client: httpx.AsyncClient, endpoint: Endpoint, row: Mapping, max_new_tokens: int,
-                 max_attempts: int, answers: Counter) -> str:
-    """The row's reply; `answers` counts every attempt by what came back ("ok", "503", "timeout", "ConnectError")."""
-    body = {"model": endpoint.model, "messages": row_messages(row),
-            "max_tokens": row.get("max_new_tokens", max_new_tokens),
-            "temperature": 0}
-    attempt = 0
-    while True:
-        attempt += 1
-        unreachable = False
-        try:
-            response = await client.post(endpoint.url + "/chat/completions", json=body, headers=endpoint.headers)
+            response = await super().handle_async_request(request)
         except httpx.TimeoutException:
-            why, error, wait = "timeout", f"no answer within {TIMEOUT.read:.0f} s", _backoff(attempt)
+            self.answers["timeout"] += 1
+            raise
         except httpx.TransportError as e:
-            why, error, wait, unreachable = type(e).__name__, f"{type(e).__name__}: {e}", _backoff(attempt), True
-        else:
-            status = response.status_code
-            why, wait = str(status), _backoff(attempt)
-            error = f"HTTP {status}: {_error_message(response)}" if status != 200 else ""
-            if status == 200:
-                try:
-                    reply = (response.json()["choices"][0]["message"]["content"] or "").strip()
-                    answers["ok"] += 1
-                    return reply
-                except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                    why, error = "malformed_answer", f"an answer that is no chat completion: {response.text[:200]!r}"
-            elif status in (401, 403):
-                answers[why] += 1
-                raise EndpointDown(f"the server refused the API key during the run ({error})")
-            elif status in (429, 503):
-                wait = _retry_after(response, attempt)
-            elif status != 408 and status < 500:
-                # The request itself is refused (the row is over the context, say): retrying cannot help.
-                answers[why] += 1
-                raise RowFailed(error)
-        answers[why] += 1
-        if attempt == max_attempts:
-            raise (EndpointDown if unreachable else RowFailed)(f"{error} (after {attempt} attempts)")
-        await asyncio.sleep(wait)
+            self.answers[type(e).__name__] += 1
+            raise
+        if not response.is_success:
+            self.answers[str(response.status_code)] += 1
+        return response
+
+
+def open_client(endpoint: Endpoint, concurrency: int, max_attempts: int, answers: Counter) -> openai.AsyncOpenAI:
+    """The client for `reply`: `concurrency` connections, `max_attempts` attempts a request, every failed attempt
+    counted in `answers`. Close it (`async with`)."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    return openai.AsyncOpenAI(base_url=endpoint.url, api_key=endpoint.api_key or NO_KEY, timeout=TIMEOUT,
+                              max_retries=max_attempts - 1,
+                              http_client=httpx.AsyncClient(transport=_CountingTransport(answers, limits=limits)))
+
+
+def _after(error: openai.APIError) -> str:
+    # The client numbers the retries in this header of each request it sends.
+    attempts = int(error.request.headers.get("x-stainless-retry-count", 0)) + 1
+    return f" (after {attempts} attempts)" if attempts > 1 else ""
+
+
+async def reply(client: openai.AsyncOpenAI, endpoint: Endpoint, row: Mapping, max_new_tokens: int,
+                answers: Counter) -> str:
+    """The row's reply; `answers` counts the answer ("ok" or "malformed_answer"), the client the failed attempts."""
+    try:
+        # Raw, to quote an answer that is no chat completion.
+        raw = await client.chat.completions.with_raw_response.create(
+            model=endpoint.model, messages=row_messages(row), max_tokens=row.get("max_new_tokens", max_new_tokens),
+            temperature=0)
+    except openai.APITimeoutError as e:
+        raise RowFailed(f"no answer within {TIMEOUT.read:.0f} s{_after(e)}") from None
+    except openai.APIConnectionError as e:
+        cause = e.__cause__ or e
+        raise EndpointDown(f"{type(cause).__name__}: {cause}{_after(e)}") from None
+    except openai.APIStatusError as e:
+        error = f"HTTP {e.status_code}: {_error_message(e.response)}"
+        if e.status_code in (401, 403):
+            raise EndpointDown(f"the server refused the API key during the run ({error})") from None
+        raise RowFailed(error + _after(e)) from None
+    try:
+        text = (raw.parse().choices[0].message.content or "").strip()
+    except (ValueError, AttributeError, IndexError, TypeError):
+        answers["malformed_answer"] += 1
+        raise RowFailed(f"an answer that is no chat completion: {raw.http_response.text[:200]!r}") from None
+    answers["ok"] += 1
+    return text
 
 
 async def _generate_side(endpoint: Endpoint, side: str, rows: Sequence[Mapping], concurrency: int,
@@ -169,11 +172,10 @@ async def _generate_side(endpoint: Endpoint, side: str, rows: Sequence[Mapping],
     pending = iter(rows)  # shared by the workers: each takes the next row when its request is answered
     bar = tqdm(total=len(rows), unit="row", desc=f"{side} <- {endpoint.model}", smoothing=0.05)
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(client: openai.AsyncOpenAI) -> None:
         for row in pending:
             try:
-                replies[key(row)] = text = await reply(client, endpoint, row, max_new_tokens, max_attempts,
-                                                       answers)
+                replies[key(row)] = text = await reply(client, endpoint, row, max_new_tokens, answers)
                 journal.add(row, side, text)
             except RowFailed as e:
                 question = f", question {row['question']}" if "question" in row else ""
@@ -182,8 +184,7 @@ async def _generate_side(endpoint: Endpoint, side: str, rows: Sequence[Mapping],
             bar.set_postfix(errors=sum(answers.values()) - answers["ok"], failed=len(failed), refresh=False)
             bar.update()
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as client:
+    async with open_client(endpoint, concurrency, max_attempts, answers) as client:
         workers = [asyncio.ensure_future(worker(client)) for _ in range(min(concurrency, len(rows)))]
         try:
             await asyncio.gather(*workers)

@@ -14,10 +14,10 @@ import re
 from collections import Counter
 from typing import Mapping, Sequence
 
-import httpx
+import openai
 
 from medtune.eval import consultation
-from medtune.eval.endpoint import TIMEOUT, Endpoint, EndpointDown, RowFailed, connect as connect_endpoint, reply
+from medtune.eval.endpoint import Endpoint, EndpointDown, RowFailed, connect as connect_endpoint, open_client, reply
 from medtune.eval.scorers.consultation import read_level, triage_scores
 
 MAX_ATTEMPTS = 3
@@ -55,16 +55,16 @@ def _asks(vignettes: Sequence[Mapping], replies: Mapping[tuple[int, str], str]) 
 async def _ask_all(endpoint: Endpoint, asks: Sequence[dict], concurrency: int) -> tuple[dict, list[str]]:
     verdicts, failed, pending, answers = {}, [], iter(asks), Counter()
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(client: openai.AsyncOpenAI) -> None:
         for ask in pending:
             try:
-                verdicts[(ask["index"], ask["kind"])] = await reply(client, endpoint, ask, VERDICT_TOKENS,
-                                                                   MAX_ATTEMPTS, answers)
+                verdicts[(ask["index"], ask["kind"])] = await reply(client, endpoint, ask, VERDICT_TOKENS, answers)
             except (RowFailed, EndpointDown) as e:
                 failed.append(f"row {ask['index']} ({ask['where']}, {ask['kind']}): {e}")
 
-    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
-        await asyncio.gather(*(worker(client) for _ in range(max(1, min(concurrency, len(asks))))))
+    workers = max(1, min(concurrency, len(asks)))
+    async with open_client(endpoint, workers, MAX_ATTEMPTS, answers) as client:
+        await asyncio.gather(*(worker(client) for _ in range(workers)))
     return verdicts, failed
 
 

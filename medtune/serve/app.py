@@ -26,7 +26,7 @@ from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
 from medtune.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
 from medtune.serve.errors import install_error_handlers, timeout_error
 from medtune.serve.protocol import Limits, chat_params, parse_request, read_body, response_meta, sse
-from medtune.serve.security import LOOPBACK_NAMES, Guard
+from medtune.serve.security import LOOPBACK_NAMES, Guard, TrustedHost
 from medtune.serve.triage import triage_messages
 
 STATIC = Path(__file__).parent / "static"
@@ -103,7 +103,8 @@ def create_app(backend, settings: ServerSettings | None = None) -> FastAPI:
     app = FastAPI(title="medtune", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.backend = backend
     install_error_handlers(app)
-    app.add_middleware(Guard, api_key=settings.api_key, hosts=settings.allowed_hosts)
+    app.add_middleware(Guard, api_key=settings.api_key)
+    app.add_middleware(TrustedHost, hosts=settings.allowed_hosts)  # outside Guard: the Host is checked first
     if settings.cors_origins:  # added last, so outermost: preflights are answered before the key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])

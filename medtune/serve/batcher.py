@@ -1,10 +1,9 @@
 """Dynamic batching: one background thread generates for every request of the server.
 
-Requests wait in a queue (at most `max_queue`). Between two steps the thread starts a batch of every waiting request
-while fewer than `max_batch_size` rows run, and steps every running batch once in turn: a request that arrives while
-a long reply is being generated starts at the next step and shares the steps with it, instead of waiting for the
-long reply to end. (transformers' KV cache cannot take rows in the middle of a batch, so newcomers get a batch of
-their own; vLLM's continuous batching merges them into one.) Each step gives every row its next token, which goes
+Requests wait in a queue (at most `max_queue`). Between two steps the thread prefills the waiting requests that fit
+(fewer than `max_batch_size` rows in all) and joins them to the running batch, as vLLM's continuous batching does: a
+request that arrives while a long reply is being generated starts at the next step and shares one forward pass per
+step with it, instead of waiting for the long reply to end. Each step gives every row its next token, which goes
 straight into that request's own asyncio queue (one hand-over to the event loop per step, for all rows): the thread
 never waits for a client, so a slow or stalled reader holds only its own (bounded) backlog. A request that is
 cancelled (its client went away) or past its deadline leaves its batch at the next step.
@@ -21,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from medtune.chat_format import ChatFormat
-from medtune.decoding import new_batch
+from medtune.decoding import new_batch, room
 from medtune.generation import Reply, Sampling
 
 log = logging.getLogger("medtune.serve")
@@ -33,26 +32,23 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-@dataclass(frozen=True)
-class Finish:
-    reason: str  # "stop" (end of turn or a stop string) or "length" (max_tokens reached)
-    prompt_tokens: int
-    completion_tokens: int
-
-
 class Job:
-    """One request, and the queue of the event loop that submitted it, which receives its events:
-    ("text", str), then ("finish", Finish), ("timeout", None) or ("error", str)."""
+    """One request, and the queue of the event loop that submitted it, which receives its events: when `stream`,
+    ("text", str) as the reply grows; then ("finish", medtune.generation.Completion), ("timeout", None) or
+    ("error", str). A plain request gets only the last: waking its handler once per token costs the generation
+    thread the GIL at every step."""
 
     def __init__(self, prompt: list[int], max_tokens: int, sampling: Sampling, stop: tuple[str, ...] = (),
-                 deadline: float = math.inf):
+                 deadline: float = math.inf, stream: bool = True):
         self.prompt, self.max_tokens, self.sampling, self.stop = prompt, max_tokens, sampling, stop
+        self.stream = stream
         self.deadline = deadline
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()  # unbounded: the generation thread must never block on it
         self.completion_tokens = 0
         self.cancelled = False
         self.done = False
+        self.started = math.inf  # when it began generating
 
 
 def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
@@ -62,12 +58,11 @@ def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
 
 @dataclass
 class _Running:
-    """A batch in progress: its jobs and replies, in the order of its prompts, and its decoding state."""
+    """The batch in progress, and the job and reply of each of its rows (by row index)."""
 
-    jobs: list[Job]
-    replies: list[Reply]
     batch: object  # medtune.decoding.new_batch's
-    started: float
+    jobs: dict[int, Job]
+    replies: dict[int, Reply]
 
 
 class Batcher:
@@ -82,7 +77,7 @@ class Batcher:
         self._outbox: list[tuple[Job, tuple]] = []  # events of this step, handed over together
         self._cond = threading.Condition()
         self._closing = False
-        self._last_batch_s = 1.0
+        self._last_reply_s = 1.0
         self._thread = threading.Thread(target=self._loop, name="medtune-batcher", daemon=True)
 
     @property
@@ -105,7 +100,7 @@ class Batcher:
     def submit(self, job: Job) -> None:
         with self._cond:
             if len(self._waiting) >= self.max_queue:
-                raise QueueFull(retry_after=min(60, max(1, math.ceil(self._last_batch_s))))
+                raise QueueFull(retry_after=min(60, max(1, math.ceil(self._last_reply_s))))
             self._waiting.append(job)
             self._cond.notify()
 
@@ -119,43 +114,45 @@ class Batcher:
         job.cancelled = True
 
     def _loop(self) -> None:
-        batches: list[_Running] = []
+        running: _Running | None = None
         while True:
             with self._cond:
-                while not self._waiting and not batches and not self._closing:
+                while not self._waiting and not running and not self._closing:
                     self._cond.wait()
                 if self._closing:
                     break
-                jobs = self._admit(self.max_batch_size - sum(len(b.batch.rows) for b in batches))
+                jobs = self._admit(self.max_batch_size - (len(running.batch.rows) if running else 0), not running)
             if jobs and (started := self._guarded(jobs, self._start, jobs)):
-                batches.append(started)
-            for running in batches:
-                self._guarded(running.jobs, self._step, running)
+                if not running:
+                    running = started
+                elif not self._guarded([*jobs, *running.jobs.values()], self._join, running, started):
+                    running.batch.close()
+                    started.batch.close()
+                    running = None
+            if running:
+                self._guarded(list(running.jobs.values()), self._step, running)
             self._flush()  # the clients get this round's tokens while the next one is computed
-            for ended in [b for b in batches if not b.batch.rows or all(j.done for j in b.jobs)]:
-                self._last_batch_s = time.monotonic() - ended.started  # how long a wait for room may last
-                ended.batch.close()
-            batches = [b for b in batches if b.batch.rows and not all(j.done for j in b.jobs)]
-            self._active = [j for b in batches for j in b.jobs]
-        for running in batches:
+            if running and (not running.batch.rows or all(j.done for j in running.jobs.values())):
+                running.batch.close()
+                running = None
+            self._active = list(running.jobs.values()) if running else []
+        if running:
             running.batch.close()
         self._end([j for j in [*self._active, *self._waiting] if not j.done], "failed",
                   ("error", "the server is shutting down"))
         self._flush()
 
-    def _admit(self, free: int) -> list[Job]:
+    def _admit(self, free: int, idle: bool) -> list[Job]:
         """The waiting jobs to start now, in order: at most `free`, and for a llama.cpp model only as many as its
-        free KV cells hold (prompt and max_tokens each); the next one waits for cells to come back."""
-        cells = getattr(self.model, "cells_free", None)
-        jobs: list[Job] = []
-        while self._waiting and len(jobs) < free:
-            need = len(self._waiting[0].prompt) + self._waiting[0].max_tokens
-            if cells is not None:
-                if need > cells:
-                    break
-                cells -= need
-            jobs.append(self._waiting.popleft())
-        return jobs
+        free sequences and KV cells hold (prompt and max_tokens each); the next one waits for room to come back. An
+        `idle` server starts the first one anyway: one that can never fit fails, with the engine's reason."""
+        if not idle and len(self._waiting) > free and free < self.max_batch_size / 2:
+            return []  # more wait than fit: take them when half a batch is free, one prefill pass for them all
+        waiting = list(self._waiting)[:free]
+        n = room(self.model, [len(j.prompt) + j.max_tokens for j in waiting])
+        if idle and waiting and not n:
+            n = 1
+        return [self._waiting.popleft() for _ in range(n)]
 
     def _guarded(self, jobs: list[Job], work, *args):
         """work(*args), or after a failure the end of `jobs` with an error: a failed batch fails its requests, never
@@ -175,17 +172,29 @@ class Batcher:
             return None
         self._active += jobs
         self.stats["batches"] += 1
+        for job in jobs:
+            job.started = time.monotonic()
         batch = new_batch(self.model, self.fmt, [j.prompt for j in jobs], [j.sampling for j in jobs],
                           [j.max_tokens for j in jobs])
-        running = _Running(jobs, [Reply(self.fmt, j.max_tokens, j.stop) for j in jobs], batch, time.monotonic())
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+        return _Running(batch, dict(enumerate(jobs)), {i: Reply(self.fmt, j.max_tokens, j.stop)
+                                                       for i, j in enumerate(jobs)})
+
+    def _join(self, running: _Running, newcomers: _Running) -> _Running:
+        offset = running.batch.size
+        running.batch.join(newcomers.batch)
+        running.jobs.update({offset + r: j for r, j in newcomers.jobs.items()})
+        running.replies.update({offset + r: reply for r, reply in newcomers.replies.items()})
         return running
 
     def _step(self, running: _Running) -> None:
         batch, jobs, replies = running.batch, running.jobs, running.replies
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch.rows))
         tokens = batch.sample()
         self.stats["tokens"] += len(tokens)
         keep = [self._feed(jobs[r], replies[r], t) for r, t in zip(batch.rows, tokens)]
+        for r, k in zip(list(batch.rows), keep):
+            if not k:  # its job has ended: nothing of it is needed any more
+                del jobs[r], replies[r]
         batch.advance(tokens, keep)
 
     def _feed(self, job: Job, reply: Reply, token: int) -> bool:
@@ -194,13 +203,13 @@ class Batcher:
             return self._end([job], "cancelled")
         if time.monotonic() > job.deadline:
             return self._end([job], "timed_out", ("timeout", None))
-        if text := reply.add(token):
+        if (text := reply.add(token)) and job.stream:
             self._outbox.append((job, ("text", text)))
         job.completion_tokens = reply.tokens
         if reply.finish_reason is None:
             return True
-        finish = Finish(reply.finish_reason, len(job.prompt), reply.tokens)
-        return self._end([job], "finished", ("finish", finish))
+        self._last_reply_s = time.monotonic() - job.started  # how long a wait for room may last
+        return self._end([job], "finished", ("finish", reply.completion(len(job.prompt))))
 
     def _end(self, jobs: list[Job], outcome: str, event: tuple | None = None) -> bool:
         for job in jobs:

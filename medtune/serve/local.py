@@ -35,7 +35,7 @@ class LocalBackend:
         return [{"id": self.name, "object": "model", "created": 0, "owned_by": "medtune",
                  "max_model_len": self.context_size}]
 
-    def _submit(self, params: ChatParams, deadline: float) -> Job:
+    def _submit(self, params: ChatParams, deadline: float, stream: bool) -> Job:
         try:
             prompt = self.fmt.prompt_ids(params.messages)
         except (RowError, ValueError) as e:  # e.g. a template that requires alternating roles
@@ -48,7 +48,7 @@ class LocalBackend:
             if max_tokens < 1 or len(prompt) + max_tokens > self.context_size:
                 raise APIError(400, f"the conversation ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds "
                                     f"the context size ({self.context_size})", "messages", "context_length_exceeded")
-        job = Job(prompt, max_tokens, Sampling(params.temperature, params.top_p), params.stop, deadline)
+        job = Job(prompt, max_tokens, Sampling(params.temperature, params.top_p), params.stop, deadline, stream)
         try:
             self.batcher.submit(job)
         except QueueFull as e:
@@ -57,25 +57,21 @@ class LocalBackend:
         return job
 
     async def complete(self, params: ChatParams, meta: dict, triage: dict, deadline: float) -> dict:
-        job = self._submit(params, deadline)
+        job = self._submit(params, deadline, stream=False)
         try:
-            text = []
             while True:
                 kind, value = await job.events.get()
-                if kind == "text":
-                    text.append(value)
-                elif kind == "finish":
-                    return completion_body({**meta, "model": self.name}, triage, "".join(text), value.reason,
+                if kind == "finish":
+                    return completion_body({**meta, "model": self.name}, triage, value.text, value.finish_reason,
                                            usage(value.prompt_tokens, value.completion_tokens))
-                else:
-                    raise _event_error(kind, value)
+                raise _event_error(kind, value)
         finally:  # also when the caller gives up (client gone, timeout): the batcher drops the row
             self.batcher.cancel(job)
 
     async def stream(self, params: ChatParams, meta: dict, triage: dict,
                      deadline: float) -> tuple[AsyncIterator[str], Callable[[], Awaitable[None]]]:
         """The chunks to send, and a cleanup (idempotent) that stops the generation."""
-        job = self._submit(params, deadline)  # before the first byte: errors still get their HTTP status
+        job = self._submit(params, deadline, stream=True)  # before the first byte: errors still get their HTTP status
 
         async def cleanup() -> None:
             self.batcher.cancel(job)
@@ -95,7 +91,7 @@ class LocalBackend:
                         out.append(chunk(meta, {"content": value}))
                         continue
                     if kind == "finish":
-                        out.append(chunk(meta, {}, value.reason))
+                        out.append(chunk(meta, {}, value.finish_reason))
                         if include_usage:
                             out.append(chunk(meta, None, usage=usage(value.prompt_tokens, value.completion_tokens)))
                         out.append(sse("[DONE]"))

@@ -1,4 +1,5 @@
-"""The OpenAI chat-completions wire format: request validation and limits, and the response and chunk bodies."""
+"""The OpenAI chat-completions wire format: request validation and limits (pydantic models of medtune's), and the
+response and chunk bodies (the `openai` package's own models, plus medtune's top-level "triage")."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import Request
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medtune.chat_format import with_system_prompt
@@ -175,20 +181,24 @@ def chat_params(req: ChatRequest, limits: Limits, system_prompt: str, default_ma
     )
 
 
+# The bodies are openai's models (which take extra fields, such as "triage") turned into dicts by their to_dict,
+# which leaves out every field not set here: no null field appears that the reply did not have before.
+
+
 def response_meta() -> dict:
+    """The id and time of one response, shared by all its chunks (the backend adds "model")."""
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time())}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
+    return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                           total_tokens=prompt_tokens + completion_tokens)
 
 
-def completion_body(meta: dict, triage: dict, text: str, finish_reason: str, counts: dict) -> dict:
-    return {**meta, "object": "chat.completion", "triage": triage,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason}],
-            "usage": counts}
+def completion_body(meta: dict, triage: dict, text: str, finish_reason: str, counts: CompletionUsage) -> dict:
+    message = ChatCompletionMessage(role="assistant", content=text)
+    return ChatCompletion(**meta, object="chat.completion", triage=triage, usage=counts,
+                          choices=[Choice(index=0, message=message, finish_reason=finish_reason)]).to_dict()
 
 
 def sse(data: dict | str) -> str:
@@ -196,6 +206,6 @@ def sse(data: dict | str) -> str:
 
 
 def chunk(meta: dict, delta: dict | None, finish_reason: str | None = None, **extra) -> str:
-    """One `chat.completion.chunk` event; delta None gives the usage chunk (no choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
-    return sse({**meta, "object": "chat.completion.chunk", **extra, "choices": choices})
+    """One `chat.completion.chunk` event; delta None gives the usage chunk (no choices). `extra`: triage or usage."""
+    choices = [] if delta is None else [ChunkChoice(index=0, delta=ChoiceDelta(**delta), finish_reason=finish_reason)]
+    return sse(ChatCompletionChunk(**meta, object="chat.completion.chunk", choices=choices, **extra).to_dict())

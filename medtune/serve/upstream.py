@@ -1,21 +1,28 @@
 """`medtune-serve --upstream URL`: the page, triage, API keys and limits in front of another OpenAI-compatible server.
 
 Built for vLLM's OpenAI server (`medtune-serve --print-vllm-command`), and works with any server of that API,
-a second medtune-serve included. Responses pass through as the upstream sends them (streams line by line, as
-they arrive); medtune only adds its top-level "triage" object (on the first chunk of a stream). Closing the
-upstream request when the client goes away (or times out) lets the upstream stop generating too.
+a second medtune-serve included. Requests go through the openai client (AsyncOpenAI on httpx). Responses pass
+through as the upstream sends them: read raw (`with_raw_response`, `with_streaming_response`: streams line by line,
+as they arrive), not parsed into the client's types; medtune only adds its top-level "triage" object (on the first
+chunk of a stream). One attempt per request (`max_retries=0`): the upstream's error goes to the caller, whose
+choice a retry is. Closing the upstream request when the client goes away (or times out) lets the upstream
+stop generating too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import anyio
 import httpx
+import openai
 
 from medtune.serve.errors import APIError
 from medtune.serve.protocol import ChatParams, sse
+
+NO_KEY = "none"  # the openai client needs a key; an upstream without one ignores it
 
 
 class UpstreamBackend:
@@ -23,23 +30,27 @@ class UpstreamBackend:
                  max_in_flight: int = 64, timeout: float = 300.0):
         self.base_url = base_url.rstrip("/")
         self.model, self.max_in_flight = model, max_in_flight
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._api_key = api_key or NO_KEY
         self._timeout = httpx.Timeout(timeout, connect=10.0)
         self._in_flight = 0
-        self.client: httpx.AsyncClient | None = None
+        self.client: openai.AsyncOpenAI | None = None
 
     async def start(self) -> None:
-        self.client = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
+        # No retries: one would hold a place under --max-queue and run past the caller's deadline. On httpx (the
+        # client's default is httpx2), whose errors _relay catches.
+        self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self._timeout,
+                                         max_retries=0, http_client=httpx.AsyncClient())
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
     def health(self) -> dict:
         return {"upstream": self.base_url, "in_flight": self._in_flight}
 
     async def models(self) -> list[dict]:
-        response = await self._send("GET", "/models")
-        return response.json().get("data", [])
+        with self._errors():
+            response = await self.client.models.with_raw_response.list()
+        return response.http_response.json().get("data", [])
 
     async def _body(self, params: ChatParams, stream: bool) -> dict:
         if not (model := params.model or self.model):
@@ -56,20 +67,19 @@ class UpstreamBackend:
             body["stream_options"] = {"include_usage": True}
         return body
 
-    async def _send(self, method: str, path: str, body: dict | None = None, stream: bool = False) -> httpx.Response:
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """The client's errors as medtune's: the upstream's own error kept, the others a 502 or 504."""
         try:
-            response = await self.client.send(self.client.build_request(method, path, json=body), stream=stream)
-        except httpx.TimeoutException:
+            yield
+        except openai.APITimeoutError:
             raise APIError(504, f"the upstream {self.base_url} did not answer in time", type="server_error",
                            code="upstream_timeout") from None
-        except httpx.HTTPError as e:
-            raise APIError(502, f"the upstream {self.base_url} cannot be reached: {e}", type="server_error",
-                           code="upstream_error") from None
-        if response.status_code >= 400:
-            content = await response.aread()
-            await response.aclose()
-            raise upstream_error(response.status_code, content, self.base_url)
-        return response
+        except openai.APIConnectionError as e:
+            raise APIError(502, f"the upstream {self.base_url} cannot be reached: {e.__cause__ or e}",
+                           type="server_error", code="upstream_error") from None
+        except openai.APIStatusError as e:
+            raise upstream_error(e.status_code, e.response.content, self.base_url) from None
 
     def _acquire(self) -> None:
         if self._in_flight >= self.max_in_flight:
@@ -80,8 +90,10 @@ class UpstreamBackend:
     async def complete(self, params: ChatParams, meta: dict, triage: dict, deadline: float) -> dict:
         self._acquire()
         try:
-            response = await self._send("POST", "/chat/completions", await self._body(params, stream=False))
-            return {**response.json(), "triage": triage}
+            body = await self._body(params, stream=False)
+            with self._errors():
+                response = await self.client.chat.completions.with_raw_response.create(**body)
+            return {**response.http_response.json(), "triage": triage}
         finally:
             self._in_flight -= 1
 
@@ -89,8 +101,12 @@ class UpstreamBackend:
                      deadline: float) -> tuple[AsyncIterator[str], Callable[[], Awaitable[None]]]:
         """The chunks to relay, and a cleanup (idempotent) that closes the upstream request."""
         self._acquire()
+        request = contextlib.AsyncExitStack()  # holds the response open until the cleanup
         try:  # the upstream's status decides ours, so it is awaited before the first byte goes out
-            response = await self._send("POST", "/chat/completions", await self._body(params, stream=True), stream=True)
+            body = await self._body(params, stream=True)
+            with self._errors():
+                response = await request.enter_async_context(
+                    self.client.chat.completions.with_streaming_response.create(**body))
         except BaseException:
             self._in_flight -= 1
             raise
@@ -101,15 +117,15 @@ class UpstreamBackend:
             if not closed:
                 closed = True
                 with anyio.CancelScope(shield=True):  # on client disconnect this runs inside a cancelled scope
-                    await response.aclose()
+                    await request.aclose()
                 self._in_flight -= 1
 
         return self._relay(response, triage, cleanup), cleanup
 
-    async def _relay(self, response: httpx.Response, triage: dict, cleanup) -> AsyncIterator[str]:
+    async def _relay(self, response: openai.AsyncAPIResponse, triage: dict, cleanup) -> AsyncIterator[str]:
         try:
             first = True
-            async for line in response.aiter_lines():
+            async for line in response.iter_lines():
                 if first and line.startswith("data: {"):
                     line, first = "data: " + json.dumps({**json.loads(line[6:]), "triage": triage}), False
                 yield line + "\n"
