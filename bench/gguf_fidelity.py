@@ -9,7 +9,7 @@ For each GGUF type: whether llama.cpp's own tokenizer gives the training prompt 
 every held-out conversation, whether llama.cpp counts the end-of-turn token as an end of generation, and, against
 the folder on transformers (fp32), the greedy replies identical token for token, the replies that ended at the
 end-of-turn token on each side, the teacher-forced reply loss and the headline metrics. The GGUF files run through
-medtune's llama.cpp engine (medtune.llama_cpp_engine), with the prompts' ids checked equal to llama.cpp's own.
+medtune's llama.cpp engine (medtune.inference.llama_cpp), with the prompts' ids checked equal to llama.cpp's own.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ HELD_OUT = ROOT / "data/sample/medtuned_sample_eval.jsonl"
 
 
 def side(model, fmt, rows, max_new_tokens: int) -> dict:
-    from medtune.decoding import complete
+    from medtune.inference.decoding import complete
     from medtune.eval.generate import reply_losses
     from medtune.eval.prompt import row_messages
     from medtune.eval.score import score
@@ -54,8 +54,8 @@ def llama_cpp_checks(path: Path, fmt, rows) -> dict:
 
 
 def fidelity(model_dir: Path, rows, types: list[str], out_dir: Path, max_new_tokens: int) -> list[dict]:
-    from medtune.gguf_export import write_gguf
-    from medtune.inference import load_for_inference
+    from medtune.export.gguf import write_gguf
+    from medtune.inference.load import load_for_inference
 
     files = write_gguf(model_dir, types, out_dir)
     reference_model, training = load_for_inference(model_dir, device="cpu", dtype="float32")

@@ -9,7 +9,7 @@ Sides, per --seq, alternating, --repeats times in this one process:
   baseline    the tutorial: `text` field, every row padded to seq, micro-batch 4, fp16, paged_adamw_32bit,
               LoRA r8 on all linear layers, gradient checkpointing, library defaults otherwise.
   trl_packed  the same with TRL 1.16's default packing (packing=True, bfd, padding-free).
-  medtune     medtune.train.build_run: BFD-packed padding-free rows plus the options below.
+  medtune     medtune.training.train.build_run: BFD-packed padding-free rows plus the options below.
 
 medtune options (the field's usual ones, each a flag): bf16 (--dtype), SDPA, flex attention or FlashAttention
 (--attn), Liger layer kernels: RMSNorm, SwiGLU, RoPE (--liger, default on when liger-kernel is importable), a larger
@@ -136,7 +136,7 @@ def _side(label: str, build, warmup: int) -> dict:
 
 
 def run_seq(seq: int, args, model_dir: Path, data_file: Path, peak: float | None) -> list[dict]:
-    from medtune.model import load_tokenizer
+    from medtune.inference.load import load_tokenizer
 
     rows = [json.loads(line) for line in data_file.open()]
     tokenizer = load_tokenizer(str(model_dir))
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if not torch.cuda.is_available():
         if not args.allow_cpu:
             sys.exit("no CUDA device: this benchmark needs a GPU (pass --allow-cpu --model tiny for a code check)")
-        args.dtype = "fp32"  # medtune.trainer_arguments turns mixed precision off on CPU anyway
+        args.dtype = "fp32"  # medtune.training.trainer_arguments turns mixed precision off on CPU anyway
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (code-path check, not a result)"
     print(f"device: {device}", flush=True)
     config = STARLING_CONFIG if args.model == "starling" else TINY_CONFIG

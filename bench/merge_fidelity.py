@@ -8,7 +8,7 @@ metrics and held-out reply loss.
 The forms:
 - `adapter_4bit`: the adapter on the NF4 base it was trained on (the recipe's BitsAndBytesConfig);
 - `adapter`: the adapter on the base's weights as training saw them, quantised as then and de-quantised (what
-  medtune-eval, medtune-chat and medtune-serve load; medtune.inference.load_base);
+  medtune-eval, medtune-chat and medtune-serve load; medtune.inference.load.load_base);
 - `adapter_original`: the adapter on the base's original weights (`--adapter-base original`; what loading the
   adapter on its base with peft, or vLLM's `--enable-lora`, gives);
 - `merged`: `adapter` merged in memory in the export dtype (what medtune-export writes);
@@ -36,10 +36,10 @@ def load_form(form: str, adapter: Path, recipe, export_dir: Path, dtype: str):
     """(model, chat format) of one form of the adapter, on CPU in eval mode."""
     from peft import PeftModel
 
-    from medtune.chat_format import ChatFormat
-    from medtune.export import DTYPES, export
-    from medtune.inference import load_for_inference, load_tokenizer, load_weights
-    from medtune.model import load_model
+    from medtune.inference.chat_format import ChatFormat
+    from medtune.export.merge import export
+    from medtune.inference.load import load_for_inference, load_tokenizer, load_weights, resolve_dtype
+    from medtune.training.model import load_model
 
     if form in ("adapter", "adapter_original"):
         return load_for_inference(adapter, device="cpu", as_trained=form == "adapter")
@@ -49,7 +49,7 @@ def load_form(form: str, adapter: Path, recipe, export_dir: Path, dtype: str):
     if form == "adapter_4bit":  # the base as training loads it (the recipe's 4-bit settings)
         model = PeftModel.from_pretrained(load_model(recipe), str(adapter))
     else:
-        model = load_weights(adapter, DTYPES[dtype]).merge_and_unload()
+        model = load_weights(adapter, resolve_dtype(dtype)).merge_and_unload()
     return model.eval(), ChatFormat(load_tokenizer(adapter), eos_token_id=model.generation_config.eos_token_id)
 
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from medtune.adapters import adapter_base
-    from medtune.config import parse_recipe
+    from medtune.training.config import parse_recipe
     from medtune.data.select import load_rows, select_rows
     from medtune.eval.generate import evaluate_model
 

@@ -38,7 +38,7 @@ SIDES = ("tutorial", "trl_packed", "medtune")
 
 
 def _recipe(model: str, out: Path, cache: Path, args, train_file: Path):
-    from medtune.config import parse_recipe
+    from medtune.training.config import parse_recipe
 
     return parse_recipe([
         "--config", str(args.recipe), "--model_name_or_path", model, "--output_dir", str(out),
@@ -52,14 +52,14 @@ def _recipe(model: str, out: Path, cache: Path, args, train_file: Path):
 def trainer_for(side: str, recipe, fmt, rows: list[dict]):
     """The side's trainer, all with the recipe's model, LoRA and optimizer settings."""
     if side == "medtune":
-        from medtune.train import build_run
+        from medtune.training.train import build_run
 
         return build_run(recipe).trainer
     import datasets
     from trl import SFTConfig, SFTTrainer, get_peft_config
 
     from bench.training import tutorial_model
-    from medtune.gguf import local_model
+    from medtune.inference.gguf import local_model
 
     t = recipe.training
     text = [fmt.render(row["messages"]) for row in rows]  # the tutorial's formatting function
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from medtune.data.select import load_rows, select_rows
     from medtune.eval.generate import mean_reply_loss
-    from medtune.inference import load_for_inference
-    from medtune.model import load_chat_format
+    from medtune.inference.load import load_for_inference
+    from medtune.training.model import load_chat_format
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

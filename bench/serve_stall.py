@@ -9,9 +9,9 @@ possible stop string, token after token, and no stop string ever matches. Two ar
 alternately with the others (interleaved):
 - `same batch`: the long and the normal request wait together behind a short blocker request, so they share
   one batch: the normal request pays its share of each step, the hostile stop checks included;
-- `arrives later`: the normal request is sent while the long one generates: it starts a batch of its own at the
-  next step and shares the steps with the long one (medtune.serve.batcher); the plain long request is the
-  reference for what the stop strings add.
+- `arrives later`: the normal request is sent while the long one generates: it joins the long one's batch at the
+  next step and shares its forward passes (medtune.serve.batcher); the plain long request is the reference for
+  what the stop strings add.
 Reports per side the normal request's latency (streamed, to [DONE]) and its decode time (from its first token to
 [DONE]: its share of the batch's steps, without the wait for the blocker), medians over the rounds, each as a
 ratio to the same arrival's `alone` side, and the long reply's seconds per token; checks that the hostile reply
@@ -99,8 +99,8 @@ def scenario(url: str, long_tokens: int, stop: list[str] | None, long: bool, sam
 
 def hold_back_cost(model_dir, reply_ids: list[int], stops: dict[str, tuple[str, ...]], repeats: int) -> list[dict]:
     """Seconds per token of ReplyText over the long reply's tokens, per stop list (median of `repeats`)."""
-    from medtune.inference import load_tokenizer
-    from medtune.generation import ReplyText
+    from medtune.inference.load import load_tokenizer
+    from medtune.inference.generation import ReplyText
 
     tok = load_tokenizer(model_dir)
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     checks = [r["queued_together"] for (arrival, _), rs in rounds.items() if arrival == "same batch" for r in rs]
     together = f"{sum(checks)} of {len(checks)}"
 
-    from medtune.inference import load_tokenizer
+    from medtune.inference.load import load_tokenizer
 
     reply_ids = load_tokenizer(model_dir).encode(plain_reply, add_special_tokens=False)
     cost = hold_back_cost(model_dir, reply_ids, {"none": (), "4 x 240": tuple(hostile),

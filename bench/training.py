@@ -80,7 +80,7 @@ def tutorial_model(model_dir: str, gradient_checkpointing: bool = True):
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from medtune.model import fp32_on_cpu
+    from medtune.inference.quantization import fp32_on_cpu
 
     dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -89,7 +89,7 @@ def tutorial_model(model_dir: str, gradient_checkpointing: bool = True):
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=dtype,
                                                  device_map=device_map)
     model.config.use_cache = False
-    fp32_on_cpu(model)  # evaluated on the same CPU path as medtune's model (medtune.model.fp32_on_cpu)
+    fp32_on_cpu(model)  # evaluated on the same CPU path as medtune's model (medtune.inference.quantization.fp32_on_cpu)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
 
 
@@ -99,7 +99,7 @@ def tutorial_trainer(rows: list[dict], model_dir: str, tokenizer, out: Path, ste
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from medtune.arguments import ALL_LINEAR
+    from medtune.training.arguments import ALL_LINEAR
 
     dataset = datasets.Dataset.from_list([{"text": tutorial_text(r)} for r in rows])
     args = SFTConfig(**_training_args(out, steps, batch), dataset_text_field="text", max_length=max_length,
@@ -111,7 +111,7 @@ def tutorial_trainer(rows: list[dict], model_dir: str, tokenizer, out: Path, ste
 
 def medtune_trainer(data_file: Path, model_dir: str, out: Path, steps: int, batch: int, max_length: int,
                     overrides: tuple[str, ...] = ()):
-    from medtune.train import build_run
+    from medtune.training.train import build_run
 
     recipe = medtune_recipe(
         data_file, model_dir, ROOT / ".cache/bench/data", out, max_length,

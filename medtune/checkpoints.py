@@ -3,8 +3,8 @@ them are complete.
 
 The Trainer writes a checkpoint folder piece by piece (adapter, optimizer shards of every rank, RNG state per rank,
 trainer_state.json) with no atomic rename, so a job killed mid-save leaves a folder that looks complete but is not.
-Once every rank has saved, rank 0 writes COMPLETE_MARKER into the folder (medtune.preemption); only marked folders
-are resumed from, and the marker is removed before a folder is written again.
+Once every rank has saved, rank 0 writes COMPLETE_MARKER into the folder (medtune.training.preemption); only marked
+folders are resumed from, and the marker is removed before a folder is written again.
 """
 
 from __future__ import annotations

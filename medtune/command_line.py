@@ -29,7 +29,7 @@ def add_adapter_base_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """--dtype, --device, --engine and --adapter-base of a command that loads a model to generate with
-    (medtune.inference)."""
+    (medtune.inference.load)."""
     parser.add_argument("--dtype", choices=INFERENCE_DTYPES, default="auto",
                         help="weights' dtype (default: auto = bf16, or fp16 without bf16, on a GPU; fp32 on CPU)")
     parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")

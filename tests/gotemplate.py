@@ -1,4 +1,4 @@
-"""The subset of Go's text/template that Ollama TEMPLATEs of medtune.modelfile use, to render them in tests (Go
+"""The subset of Go's text/template that Ollama TEMPLATEs of medtune.export.modelfile use, to render them in tests (Go
 itself is not on the test machines): `{{ range .Messages }}`, `{{ if eq .Role "x" }}`, `{{ else if eq .Role "y" }}`,
 `{{ else }}`, `{{ end }}`, `{{ .Content }}` and `{{ .Role }}`, with Go's `{{-`/`-}}` whitespace trimming. Anything
 else is an error, so a TEMPLATE outside the subset fails the test instead of rendering wrongly."""

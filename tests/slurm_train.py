@@ -11,12 +11,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medtune import stop_signal  # noqa: E402
+from medtune.training import stop_signal  # noqa: E402
 
 stop_signal.listen()
 
-import medtune.model  # noqa: E402
-import medtune.train  # noqa: E402
+import medtune.training.model  # noqa: E402
+import medtune.training.train  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 
@@ -43,9 +43,9 @@ def with_slow_load(load_model):
 
 
 if os.environ.get("SLOW_END_SECONDS"):
-    medtune.train.build_trainer = with_slow_end(medtune.train.build_trainer)
+    medtune.training.train.build_trainer = with_slow_end(medtune.training.train.build_trainer)
 if os.environ.get("SLOW_LOAD_SECONDS"):
-    medtune.model.load_model = with_slow_load(medtune.model.load_model)
+    medtune.training.model.load_model = with_slow_load(medtune.training.model.load_model)
 
 if __name__ == "__main__":
-    medtune.train.main()
+    medtune.training.train.main()

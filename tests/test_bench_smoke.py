@@ -21,7 +21,7 @@ def tmp_everything(tmp_path, monkeypatch):
 
 
 def test_synthetic_rows_follow_the_source_mix_and_token_lengths(tiny_model_dir):
-    from medtune.model import load_tokenizer
+    from medtune.inference.load import load_tokenizer
 
     rows = synthetic.generate(3000, seed=1)
     assert rows == synthetic.generate(3000, seed=1)  # deterministic
@@ -138,7 +138,7 @@ def test_quality_benchmark_code_path(tmp_everything, tiny_model_dir):
 
 def test_consultation_eval_benchmark_code_path(tiny_model_dir):
     from bench import consultation_eval
-    from medtune import decoding
+    from medtune.inference import decoding
 
     result = consultation_eval.main(["--model", str(tiny_model_dir), "--vignettes", "3", "--max-new-tokens", "2",
                                      "--repeats", "1"])

@@ -1,4 +1,5 @@
-"""One chat format per tokenizer (medtune.chat_format): training ids equal the tokenizer's apply_chat_template, masks
+"""One chat format per tokenizer (medtune.inference.chat_format): training ids equal the tokenizer's
+apply_chat_template, masks
 cover exactly the assistant turns and their end-of-turn, typed control tokens stay text; for four template families.
 Starling's ids are checked against the ids its card publishes and the ids OpenChat's training code produces, Mistral's
 against mistral-common."""
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from medtune.chat_format import ChatFormat, ChatFormatError, RowError, user_message
+from medtune.inference.chat_format import ChatFormat, ChatFormatError, RowError, user_message
 
 from families import CONTROL_TEXT, END_OF_TURN, FAMILIES, tokenizer, trl_template
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from conftest import TINY_RECIPE
-from medtune import chat, export
-from medtune.config import parse_recipe
+from medtune.export import merge as export
+from medtune.inference import chat
+from medtune.training.config import parse_recipe
 from medtune.eval import run as eval_run
-from medtune.inference import load_for_inference_or_demo
+from medtune.inference.load import load_for_inference_or_demo
 from medtune.serve import cli as serve_cli
 
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from medtune.arguments import ALL_LINEAR
-from medtune.config import ConfigError, parse_recipe
+from medtune.training.arguments import ALL_LINEAR
+from medtune.training.config import ConfigError, parse_recipe
 
 REFERENCE = ROOT / "configs" / "recipes" / "starling_medtuned.yaml"
 
@@ -25,7 +25,7 @@ def test_default_recipe_is_the_reference_recipe():
     assert m.load_in_4bit is True and m.load_in_8bit is False
     assert m.bnb_4bit_quant_type == "nf4"
     assert m.use_bnb_nested_quant is True
-    assert m.dtype == "auto"  # bf16 compute where supported, else fp16 (medtune.model.compute_dtype)
+    assert m.dtype == "auto"  # bf16 compute where supported, else fp16 (medtune.inference.load.resolve_dtype)
     assert m.use_peft is True
     assert (m.lora_r, m.lora_alpha, m.lora_dropout) == (8, 16, 0.05)
     assert m.lora_task_type == "CAUSAL_LM"
@@ -122,7 +122,7 @@ def test_bad_recipe_fails_before_any_model_or_data_is_loaded(tmp_path, monkeypat
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", forbidden)
     monkeypatch.setattr(medtune.data, "prepare_dataset", forbidden)
-    from medtune.train import main
+    from medtune.training.train import main
 
     with pytest.raises(SystemExit, match=expected):
         main(_recipe(tmp_path, **changes) + argv)
@@ -146,7 +146,7 @@ def test_list_keys_take_several_values_on_the_command_line():
 
 
 def test_an_empty_recipe_takes_replace_and_the_command_line(tmp_path):
-    from medtune.config import read_recipe
+    from medtune.training.config import read_recipe
 
     (tmp_path / "empty.yaml").write_text("")
     r = parse_recipe(["--config", str(tmp_path / "empty.yaml"), "--lora_r", "4"], replace=read_recipe(str(REFERENCE)))
@@ -154,8 +154,8 @@ def test_an_empty_recipe_takes_replace_and_the_command_line(tmp_path):
     assert r.path == str(tmp_path / "empty.yaml") and (r.model, r.data) == (reference.model, reference.data)
 
 
-@pytest.mark.parametrize("main, argv", [("medtune.data.prepare", ["--help"]), ("medtune.data.prepare", ["-h"]),
-                                        ("medtune.train", ["--config", str(REFERENCE), "--help"])])
+@pytest.mark.parametrize("main, argv", [("medtune.prepare_data", ["--help"]), ("medtune.prepare_data", ["-h"]),
+                                        ("medtune.training.train", ["--config", str(REFERENCE), "--help"])])
 def test_help_lists_the_recipe_keys_and_exits_0(main, argv, capsys):
     import importlib
 
@@ -164,13 +164,13 @@ def test_help_lists_the_recipe_keys_and_exits_0(main, argv, capsys):
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and "--config recipe.yaml [--key value ...]" in out
     assert "--max_length MAX_LENGTH" in out and "--lora-r LORA_R" in out
-    assert ("--show N" in out) == (main == "medtune.data.prepare")
+    assert ("--show N" in out) == (main == "medtune.prepare_data")
     if "--config" in argv:  # the recipe's values are the defaults shown
         assert re.search(r"--max_length MAX_LENGTH.*?\(default: (\w+)\)", out, re.S).group(1) == "512"
 
 
 def test_chat_template_is_a_jinja_string_or_a_file(tmp_path):
-    from medtune.chat_format import read_template
+    from medtune.inference.chat_format import read_template
 
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     (tmp_path / "t.jinja").write_text(template)
@@ -210,7 +210,7 @@ CONFIGS = ROOT / "configs"
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_parses_and_validates(path, tiny_model_dir, monkeypatch):
-    from medtune.config import read_recipe
+    from medtune.training.config import read_recipe
 
     monkeypatch.chdir(ROOT)  # recipes name their data relative to the repository root
     local_model = read_recipe(str(path))["model_name_or_path"].startswith(".")  # the demo model `make demo` builds

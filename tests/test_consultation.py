@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
+from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT
 from medtune.data.rows import read_rows
 from medtune.data import vignettes
 from medtune.data.vignettes import DOCTOR, EMERGENCY, SELF_CARE, VignetteError, diagnosis_names
 from medtune.eval import consultation, run
+from medtune.data.advice import read_level
 from medtune.eval.scorers.consultation import (Matcher, clopper_pearson, mcnemar, normalise, read_differential,
-                                               read_level, triage_scores)
+                                               triage_scores)
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT, TRAIN = ROOT / "data" / "vignettes" / "heldout.jsonl", ROOT / "data" / "vignettes" / "train.jsonl"
@@ -222,7 +223,7 @@ def test_likelihood_with_a_shared_prompt_cache_equals_scoring_each_reply_alone(f
 
     from medtune.eval import generate
     from medtune.eval.generate import option_losses, reply_losses
-    from medtune.inference import load_for_inference
+    from medtune.inference.load import load_for_inference
 
     model, fmt = load_for_inference(build_model(family, tmp_path / family), device="cpu")
     rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()[:3]]

@@ -14,7 +14,7 @@ from serve_helpers import LocalServer
 
 from medtune.eval import run
 from medtune.eval.predictions import PREDICTIONS
-from medtune.inference import load_for_inference
+from medtune.inference.load import load_for_inference
 from medtune.serve.app import ServerSettings, create_app
 from medtune.serve.local import LocalBackend
 
@@ -181,8 +181,8 @@ def test_an_unreachable_judge_stops_before_any_work(vignettes, tmp_path):
 
 @pytest.mark.slow
 def test_training_logs_the_consultation_at_each_evaluation(tiny_args, vignettes):
-    from medtune.config import parse_recipe
-    from medtune.train import train
+    from medtune.training.config import parse_recipe
+    from medtune.training.train import train
 
     recipe = parse_recipe([*tiny_args, "--max_steps", "4", "--eval_steps", "2", "--logging_steps", "2",
                            "--generation_eval_samples", "0", "--sample_prompt", "", "--max_eval_samples", "4",
@@ -203,11 +203,11 @@ def test_training_logs_the_consultation_at_each_evaluation(tiny_args, vignettes)
 def test_the_safety_gate_stops_a_run_that_makes_the_model_miss_emergencies(tiny_args, tmp_path):
     """Trained to answer "Self-care" to the triage question of every emergency, the tiny model's likelihood triage
     stops recognising the emergencies its random base recognised: the gate ends the run with the step's adapter."""
-    from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
-    from medtune.config import parse_recipe
+    from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT
+    from medtune.training.config import parse_recipe
     from medtune.data.vignettes import EMERGENCY
     from medtune.eval import consultation
-    from medtune.train import main, train
+    from medtune.training.train import main, train
 
     rows = [json.loads(line) for line in HELDOUT.read_text().splitlines()]
     emergencies = [r for r in rows if r["triage"] == EMERGENCY]
@@ -233,8 +233,8 @@ def test_the_safety_gate_stops_a_run_that_makes_the_model_miss_emergencies(tiny_
 
 
 def test_a_consultation_eval_file_without_vignettes_stops_the_run_before_the_model_loads(tiny_args, tmp_path):
-    from medtune.config import parse_recipe
-    from medtune.train import build_run
+    from medtune.training.config import parse_recipe
+    from medtune.training.train import build_run
 
     recipe = parse_recipe([*tiny_args, "--consultation_eval_dataset", str(SAMPLE_EVAL)])
     with pytest.raises(ValueError, match="consultation_eval_dataset .*: no vignette with a triage level"):

@@ -1,7 +1,8 @@
 """bitsandbytes 4-bit on the CPU: which path medtune's models take on each kind of CPU (with or without AVX512-BF16).
 
 On a CPU with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight in place at the first eval-mode forward and
-computes in bf16; medtune keeps every 4-bit layer on the fp32 path (medtune.model.fp32_on_cpu). These tests run a
+computes in bf16; medtune keeps every 4-bit layer on the fp32 path (medtune.inference.quantization.fp32_on_cpu). These
+tests run a
 branch per CPU kind, named in the test, and are never skipped: where the CPU has AVX512-BF16 they also show what
 bitsandbytes does without medtune's switch, so that a bitsandbytes release that changes the switch's meaning fails
 here.
@@ -18,7 +19,7 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes.functional import dequantize_4bit, has_avx512bf16  # noqa: E402
 
-from medtune.model import fp32_on_cpu  # noqa: E402
+from medtune.inference.quantization import fp32_on_cpu  # noqa: E402
 
 AVX512_BF16 = bool(has_avx512bf16())  # the native library answers 0 or 1
 FUSED_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward"
@@ -66,11 +67,11 @@ def test_eval_forward_of_a_4bit_layer_is_fp32_and_unpacked_on_this_cpu_kind(cpu)
 @pytest.mark.parametrize("cpu", ["avx512bf16" if AVX512_BF16 else "no-avx512bf16"])
 def test_a_4bit_model_dequantized_after_an_eval_forward_has_its_original_weights_on_this_cpu_kind(
         cpu, tiny_model_dir):
-    """medtune's 4-bit training model (medtune.model.load_model), an eval-mode forward as the end-of-training
+    """medtune's 4-bit training model (medtune.training.model.load_model), an eval-mode forward as the end-of-training
     evaluation runs it, then transformers' dequantize (what the as-trained base and export use): every weight is
     bitsandbytes' own de-quantization of the bytes quantized at load."""
-    from medtune.config import parse_recipe
-    from medtune.model import load_model
+    from medtune.training.config import parse_recipe
+    from medtune.training.model import load_model
 
     recipe = parse_recipe(["--config", "configs/recipes/tiny.yaml", "--model_name_or_path", str(tiny_model_dir),
                            "--load_in_4bit", "true", "--use_bnb_nested_quant", "true"])

@@ -8,14 +8,14 @@ import os
 import pytest
 
 
-from medtune.config import parse_recipe
+from medtune.training.config import parse_recipe
 from medtune.data import prepare_dataset, read_rows
 from medtune.data import pipeline
 
 
 @pytest.fixture(scope="module")
 def fmt():
-    from medtune.chat_format import ChatFormat
+    from medtune.inference.chat_format import ChatFormat
     from medtune.tiny import build_starling_tokenizer
 
     return ChatFormat(build_starling_tokenizer())
@@ -325,7 +325,7 @@ def test_every_assistant_turn_of_a_conversation_is_trained_only_the_completion_o
 
 
 def test_a_row_the_template_refuses_is_counted(tmp_path, tiny_args):
-    from medtune.chat_format import ChatFormat
+    from medtune.inference.chat_format import ChatFormat
 
     from families import tokenizer
 
@@ -337,7 +337,7 @@ def test_a_row_the_template_refuses_is_counted(tmp_path, tiny_args):
 
 
 def test_show_json_prints_the_first_prepared_rows_unpacked(tiny_args, fmt, sample_train_file, capsys):
-    from medtune.data.prepare import main
+    from medtune.prepare_data import main
 
     main(tiny_args + ["--show", "3", "--json"])
     lines = capsys.readouterr().out.splitlines()

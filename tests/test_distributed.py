@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from medtune.preemption import EXIT_PREEMPTED
+from medtune.training.preemption import EXIT_PREEMPTED
 from conftest import RESUME_RTOL, ROOT, free_port, losses
 
 ACCELERATE = ROOT / "configs" / "accelerate"
@@ -132,7 +132,8 @@ def _worker_pids(launcher_pid: int) -> list[int]:
 def test_preempted_run_saves_once_and_resumes_exactly(tiny_args, tmp_path):
     """The reference recipe's strategies (evaluation and a checkpoint per epoch, W&B on, offline), SIGUSR1 to ONE
     rank mid-epoch: both ranks checkpoint at the same step, with no evaluation and exactly one save (not a second
-    one at the epoch end that the stop leads to), and exit with EXIT_PREEMPTED (which medtune.node_launch keeps).
+    one at the epoch end that the stop leads to), and exit with EXIT_PREEMPTED (which medtune.training.node_launch
+    keeps).
     The resumed run then logs the same per-step losses as an uninterrupted run, and the same final eval loss."""
     from medtune.checkpoints import COMPLETE_MARKER, checkpoints, find_resume_checkpoint, step_of
     from medtune.monitoring import RUN_ID_FILE
@@ -143,7 +144,7 @@ def test_preempted_run_saves_once_and_resumes_exactly(tiny_args, tmp_path):
 
     def launch(out: Path) -> list[str]:  # max_steps -1: the epoch ends the run
         return launch_cmd(config, run_args(tiny_args, -1, output_dir=out, resume="true", **reference),
-                          launcher="medtune.node_launch")
+                          launcher="medtune.training.node_launch")
 
     straight = tmp_path / "straight"
     check_ok(subprocess.run(launch(straight), cwd=ROOT, env=cpu_env(config), capture_output=True, text=True,
@@ -208,8 +209,8 @@ def test_fsdp_qlora_has_one_dtype_per_flat_parameter(tiny_model_dir, monkeypatch
     from peft.utils.other import fsdp_auto_wrap_policy
     from trl import get_peft_config
 
-    from medtune.config import parse_recipe
-    from medtune.model import load_model
+    from medtune.training.config import parse_recipe
+    from medtune.training.model import load_model
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from medtune import adapters, inference
+from medtune import adapters
+from medtune.inference.load import load_for_inference
 from medtune.eval import generate, run
 from medtune.data.select import load_rows
 from medtune.data.sources import FAMILIES, SOURCE_FAMILY
@@ -162,7 +163,7 @@ def test_cli_adapter_vs_base(random_adapter_dir, eval_file, tmp_path, monkeypatc
 
 
 def test_end_of_training_generation_eval_restores_training_mode(random_adapter_dir, eval_file):
-    model, fmt = inference.load_for_inference(random_adapter_dir, device="cpu")
+    model, fmt = load_for_inference(random_adapter_dir, device="cpu")
     model.train()
     rows = load_rows(str(eval_file))[0][:3]
     results, _ = generate.evaluate_model(model, fmt, rows, max_new_tokens=2, batch_size=2)

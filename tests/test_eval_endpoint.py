@@ -17,7 +17,7 @@ from serve_helpers import LIMITS, LocalServer, wait_for
 
 from medtune.eval import run
 from medtune.eval.predictions import PREDICTIONS
-from medtune.inference import load_for_inference
+from medtune.inference.load import load_for_inference
 from medtune.serve.app import ServerSettings, create_app
 from medtune.serve.local import LocalBackend
 from medtune.serve.protocol import Limits

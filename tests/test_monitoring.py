@@ -17,7 +17,8 @@ from trl import ModelConfig, SFTConfig
 
 from conftest import ROOT, free_port
 from medtune import monitoring
-from medtune.arguments import AfterTrainingArguments, CheckpointArguments, DataArguments, MonitoringArguments, Recipe
+from medtune.training.arguments import (AfterTrainingArguments, CheckpointArguments, DataArguments, MonitoringArguments,
+                                       Recipe)
 from medtune.monitoring import FlopModel, ThroughputCallback, batch_counts, peak_flops
 
 PAD = 31
@@ -291,7 +292,7 @@ def run_dirs(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_run_logs_one_wandb_run_with_throughput_metrics(tiny_args, tmp_path):
-    from medtune.report import load_history, main as report_main, plot_report, wandb_records
+    from medtune.monitoring.report import load_history, main as report_main, plot_report, wandb_records
 
     output = launch([*tiny_args, *RUN, "--report_to", "wandb", "--save_total_limit", "2"], tmp_path, processes=2,
                     WANDB_MODE="offline")
@@ -371,7 +372,7 @@ def test_two_node_run_prints_metrics_and_answer_once(tiny_args, tmp_path, disabl
 
 @pytest.mark.slow
 def test_resumed_job_continues_the_same_wandb_run(tiny_args, tmp_path):
-    from medtune.report import load_history
+    from medtune.monitoring.report import load_history
 
     first = [*tiny_args, *RUN, "--report_to", "wandb", "--logging_steps", "1", "--eval_strategy", "no"]
     launch([*first, "--max_steps", "3"], tmp_path, WANDB_MODE="offline")

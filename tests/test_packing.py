@@ -26,7 +26,7 @@ def _packed_batch(tok, max_length=512):
     from datasets import Dataset
     from trl import pack_dataset
 
-    from medtune.chat_format import ChatFormat
+    from medtune.inference.chat_format import ChatFormat
     from medtune.data.formats import INSTRUCTION, clean
 
     encoded = ChatFormat(tok).encode([clean(INSTRUCTION, row)[0]["messages"] for row in ROWS])

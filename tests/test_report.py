@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from medtune.report import load_history, main, plot_report
+from medtune.monitoring.report import load_history, main, plot_report
 
 LOSSES = [2.5, 2.0, 1.6, 1.3]
 

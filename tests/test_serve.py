@@ -8,9 +8,9 @@ import openai
 import pytest
 from serve_helpers import LIMITS, local_server
 
-from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
-from medtune.gguf_export import write_gguf
-from medtune.inference import load_for_inference
+from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
+from medtune.export.gguf import write_gguf
+from medtune.inference.load import load_for_inference
 from medtune.serve.app import ServerSettings
 
 KEY = "sk-test-0123456789"
@@ -309,6 +309,15 @@ def test_allowed_host_names():
     assert allowed_hosts("0.0.0.0", ["*"]) is None
     assert [host_name(h) for h in ("example.org:8000", "[::1]:8000", "::1", "EXAMPLE.org")] == [
         "example.org", "::1", "::1", "example.org"]
+
+
+def test_a_host_pattern_starlette_cannot_take_is_refused_before_start(capsys):
+    from medtune.serve.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--allowed-hosts", "chat.example.org", "a*b.example.org"])
+    assert exit.value.code == 2
+    assert "--allowed-hosts a*b.example.org: a '*' stands alone" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("options", [{"n": None}, {"n": 1}, {"logprobs": False}, {"logprobs": None, "top_logprobs": 0}])

@@ -9,12 +9,12 @@ from serve_helpers import LIMITS, local_server, raw_request, read_all, wait_for
 
 import torch
 
-from medtune.decoding import new_batch
-from medtune.generation import Sampling
-from medtune.gguf_export import write_gguf
-from medtune.inference import load_for_inference
+from medtune.inference.decoding import DecodeBatch, new_batch
+from medtune.inference.generation import Sampling
+from medtune.export.gguf import write_gguf
+from medtune.inference.load import load_for_inference
 from medtune.serve.app import ServerSettings
-from medtune.generation import ReplyText
+from medtune.inference.generation import ReplyText
 
 CHAT = "/v1/chat/completions"
 PROMPTS = [[{"role": "user", "content": f"Patient {i}: " + "dizzy and tired, " * (i % 5) + "what should I do?"}]
@@ -75,16 +75,16 @@ def test_rows_leaving_and_sampled_rows_do_not_change_greedy_rows(model_and_tok):
     assert mixed[2] == reference[2] and len(mixed[3]) == 10
 
 
-def test_rows_that_join_a_running_batch_get_the_replies_of_one_at_a_time(model_and_tok):
+def join_and_leave(model, fmt) -> tuple[dict, dict]:
     """Newcomers join between steps (shorter and longer prompts than the running rows, a shared system prompt
-    prefix among them), rows leave, and the padding of gone rows is cut: every greedy reply stays its own."""
-    model, fmt = model_and_tok
+    prefix among them), rows leave (the longest-running first, so the padding of gone rows is cut): each row's greedy
+    tokens, and each row's tokens alone."""
     system = {"role": "system", "content": "You are a careful medical assistant. " * 6}
     convs = [PROMPTS[4], [system, *PROMPTS[0]], [system, *PROMPTS[9]], PROMPTS[2], PROMPTS[13]]
-    single = [decode(model, fmt, [c], 14)[0] for c in convs]
+    stop_after = {0: 8, 1: 14, 2: 5, 3: 14, 4: 14}
+    single = {r: decode(model, fmt, [c], 14)[0][:stop_after[r]] for r, c in enumerate(convs)}
     prompts = [fmt.prompt_ids(c) for c in convs]
     arrivals = {0: [0], 3: [1, 2], 6: [3], 9: [4]}  # step -> rows that join before it
-    stop_after = {0: 8, 1: 14, 2: 5, 3: 14, 4: 14}  # row 0 (the longest-running) leaves early
     batch, order, out, step = None, [], {}, 0
     while step == 0 or batch.rows:
         if rows := arrivals.get(step):
@@ -100,8 +100,29 @@ def test_rows_that_join_a_running_batch_get_the_replies_of_one_at_a_time(model_a
         batch.advance(tokens, [len(out[order[r]]) < stop_after[order[r]] for r in batch.rows])
         step += 1
     batch.close()
-    assert {r: single[r][:stop_after[r]] for r in range(5)} == out
     assert len(batch.rows) == 0 and batch.size == 5
+    return out, single
+
+
+def test_rows_that_join_a_running_batch_get_the_replies_of_one_at_a_time(model_and_tok):
+    out, single = join_and_leave(*model_and_tok)
+    assert out == single
+
+
+@pytest.mark.parametrize("window", [24, 512])
+def test_joining_and_leaving_rows_keep_their_replies_under_a_sliding_window(tiny_model_dir, window):
+    """Starling's layers attend over a sliding window (transformers keeps a count of each layer's tokens): rows that
+    join and leave keep their replies, past the window (24) and within it (512, where gone rows' padding is cut)."""
+    from transformers import AutoModelForCausalLM
+
+    from medtune.inference.chat_format import ChatFormat
+    from medtune.inference.load import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, sliding_window=window).eval()
+    assert hasattr(DecodeBatch(model, ChatFormat(load_tokenizer(tiny_model_dir)), [[1, 2]], [Sampling()]).cache
+                   .layers[0], "cumulative_length")  # transformers made sliding-window layers
+    out, single = join_and_leave(model, ChatFormat(load_tokenizer(tiny_model_dir)))
+    assert out == single
 
 
 def test_reply_text_holds_back_a_stop_string_until_it_is_decided(model_and_tok):
@@ -137,7 +158,7 @@ def test_sixteen_concurrent_greedy_clients_get_the_replies_of_one_at_a_time(mode
         with ThreadPoolExecutor(16) as pool:
             batched = list(pool.map(lambda i: ask(server.url, PROMPTS[i], i % 2 == 1, **options[i]), range(16)))
         stats = server.backend.batcher.stats
-        assert stats["largest_batch"] > 1 and stats["batches"] < 16  # requests really shared batches
+        assert stats["largest_batch"] > 1  # requests really shared forward passes
     with local_server(model_and_tok, max_batch_size=1) as server:
         single = [ask(server.url, PROMPTS[i], **options[i]) for i in range(16)]
         assert server.backend.batcher.stats["largest_batch"] == 1
@@ -211,11 +232,33 @@ def test_request_timeout(model_and_tok):
 
 
 
+def test_a_newcomer_that_fails_to_join_fails_alone(model_and_tok, monkeypatch):
+    """Joining can fail (out of memory for the padded cache): the newcomer gets the error, the running reply goes on
+    to the end, the same as alone."""
+    from medtune.inference.llama_cpp import LlamaCppBatch
+
+    body = {"messages": PROMPTS[3], "max_tokens": 600, "temperature": 0}
+    with local_server(model_and_tok) as server:
+        alone = httpx.post(server.url + CHAT, json=body, timeout=120).json()["choices"][0]["message"]["content"]
+
+        def fail(self, other):
+            raise RuntimeError("out of memory")
+
+        for cls in (DecodeBatch, LlamaCppBatch):
+            monkeypatch.setattr(cls, "join", fail)
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(httpx.post, server.url + CHAT, json=body, timeout=120)
+            wait_for(lambda: server.backend.batcher.running == 1, what="the long reply to start")
+            newcomer = httpx.post(server.url + CHAT, json={**body, "max_tokens": 4}, timeout=60)
+            assert newcomer.status_code == 500 and "out of memory" in newcomer.json()["error"]["message"]
+            assert running.result().json()["choices"][0]["message"]["content"] == alone
+
+
 def test_decode_batch_runs_a_lora_adapter_on_its_base(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from medtune.inference import load_tokenizer
+    from medtune.inference.load import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     lora = LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)  # random, not a no-op

@@ -16,10 +16,10 @@ import pytest
 from conftest import free_port
 from serve_helpers import LIMITS, local_server, raw_request, read_all, wait_for
 
-from medtune.inference import load_for_inference
+from medtune.inference.load import load_for_inference
 from medtune.serve.app import ServerSettings
 from medtune.serve.connections import ConnectionLimits
-from medtune.generation import ReplyText
+from medtune.inference.generation import ReplyText
 
 CHAT = "/v1/chat/completions"
 ASK = [{"role": "user", "content": "I have a sore throat and a mild fever since yesterday."}]

@@ -8,7 +8,7 @@ import openai
 import pytest
 from serve_helpers import LIMITS, LocalServer, local_server, raw_request, wait_for
 
-from medtune.inference import load_for_inference
+from medtune.inference.load import load_for_inference
 from medtune.serve import cli
 from medtune.serve.app import ServerSettings, create_app
 from medtune.serve.upstream import UpstreamBackend

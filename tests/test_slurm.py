@@ -39,14 +39,14 @@ def test_sbatch_script():
     assert '--cpus-per-task="$SLURM_CPUS_PER_TASK"' in step.group(1)
     body = step.group(2)
     assert re.search(r'--machine_rank "\$SLURM_NODEID"', body)
-    assert "exec python -m medtune.node_launch" in body
+    assert "exec python -m medtune.training.node_launch" in body
     outside = text[: step.start()] + text[step.end():]
     assert "SLURM_NODEID" not in re.sub(r"#.*", "", outside), "SLURM_NODEID used outside the per-node command"
     for flag in ("--num_machines", "--main_process_ip", "--main_process_port", "--rdzv_backend", "--resume true"):
         assert flag in body
     for directive in ("--requeue", "--signal=B:USR1@", "--open-mode=append", "--output=logs/%x-%j.out"):
         assert f"#SBATCH {directive}" in text
-    assert text.index("trap 'on_stop USR1' USR1") < text.index("python -m medtune.data.prepare")
+    assert text.index("trap 'on_stop USR1' USR1") < text.index("python -m medtune.prepare_data")
 
 
 @pytest.fixture(scope="module")

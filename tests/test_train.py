@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from medtune.config import parse_recipe
+from medtune.training.config import parse_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ NLI = '"source": "MedNLI"'  # one-word replies: a tiny random model learns them 
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory, sample_train_file):
-    from medtune.train import train
+    from medtune.training.train import train
 
     tmp = tmp_path_factory.mktemp("train")
     rows = [line for line in sample_train_file.read_text().splitlines() if NLI in line]
@@ -44,7 +44,7 @@ def test_adapter_is_complete_and_reloads_to_the_same_logits(trained):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from medtune.model import load_model
+    from medtune.training.model import load_model
 
     recipe, result, _ = trained
     tensors = load_file(result.adapter_path)
@@ -72,9 +72,9 @@ def test_adapter_is_complete_and_reloads_to_the_same_logits(trained):
 
 
 def test_generation_with_the_trained_adapter_stops_at_end_of_turn(trained):
-    from medtune.chat_format import user_message
-    from medtune.decoding import complete
-    from medtune.inference import load_for_inference
+    from medtune.inference.chat_format import user_message
+    from medtune.inference.decoding import complete
+    from medtune.inference.load import load_for_inference
 
     _, result, rows = trained
     assert result.sample_answer.finish_reason == "stop" and result.sample_answer.text
@@ -97,7 +97,7 @@ TINY_RECIPE_LOSSES = [10.768878, 10.601283, 10.433356, 10.357376, 9.957361]
 
 
 def test_tiny_recipe_first_losses_are_pinned(tiny_model_dir, tmp_path):
-    from medtune.train import build_run
+    from medtune.training.train import build_run
 
     recipe = parse_recipe([
         "--config", "configs/recipes/tiny.yaml", "--model_name_or_path", str(tiny_model_dir),
@@ -121,7 +121,7 @@ def _tiny_recipe(tiny_model_dir, tmp_path, *overrides: str):
 
 
 def test_negative_save_every_minutes_is_refused(tiny_model_dir, tmp_path):
-    from medtune.config import ConfigError
+    from medtune.training.config import ConfigError
 
     with pytest.raises(ConfigError, match="save_every_minutes=-5.0: use minutes > 0, or 0"):
         _tiny_recipe(tiny_model_dir, tmp_path, "--save_every_minutes", "-5")
@@ -134,7 +134,7 @@ def test_timed_checkpoints_follow_the_clock(tiny_model_dir, tmp_path):
     from transformers import TrainerCallback
 
     from medtune.checkpoints import COMPLETE_MARKER, checkpoints, find_resume_checkpoint
-    from medtune.train import build_run
+    from medtune.training.train import build_run
 
     class Clock(TrainerCallback):
         now = 0.0

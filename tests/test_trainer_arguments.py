@@ -7,9 +7,9 @@ import json
 import logging
 
 from conftest import TINY_RECIPE
-from medtune.config import parse_recipe
+from medtune.training.config import parse_recipe
 from medtune.monitoring import run_info
-from medtune.trainer_arguments import resolve_trainer_arguments
+from medtune.training.trainer_arguments import resolve_trainer_arguments
 
 
 def _recipe(tiny_model_dir, tmp_path, *overrides, **replace):
@@ -25,7 +25,7 @@ def test_adjustments_are_made_on_a_copy_logged_and_recorded(tiny_model_dir, tmp_
         args, adjustments = resolve_trainer_arguments(recipe, has_eval=False)
 
     assert args is not recipe.training and recipe.training.to_dict() == user  # the recipe is left as written
-    assert args.save_total_limit is None  # medtune.preemption rotates checkpoints once the new one is complete
+    assert args.save_total_limit is None  # medtune.training.preemption rotates checkpoints once the new one is complete
     assert args.report_to == ["tensorboard"] and args.run_name == "qlora-1"  # medtune's W&B callback instead
     assert args.eval_strategy == "no"  # no eval rows
     assert args.padding_free is True and args.dataset_kwargs == {"skip_prepare_dataset": True}

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from medtune.serve.triage import RULES_FILE, Rules, triage_messages, triage_text
+from medtune.inference.triage import RULES_FILE, Rules, triage_messages, triage_text
 
 E, U, N = "emergency", "urgent", "none"
 

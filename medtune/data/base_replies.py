@@ -40,8 +40,8 @@ def _generated(path: Path) -> dict[str, dict]:
 
 
 def _generate(recipe, conversations: list[list[dict]], max_new_tokens: int, path: Path) -> None:
-    from medtune.decoding import complete
-    from medtune.inference import load_for_inference
+    from medtune.inference.decoding import complete
+    from medtune.inference.load import load_for_inference
 
     model, fmt = load_for_inference(recipe.model.model_name_or_path)
     logger.info("%s: the base model's greedy replies to %d conversations (%d new tokens at most), into %s",

@@ -12,19 +12,9 @@ import hashlib
 import json
 
 from medtune.data.rows import is_local, local_files
+from medtune.inference.gguf import file_digest
 
 PIPELINE_VERSION = 6  # bump when the encoding, packing or splitting changes meaning
-_CHUNK = 1 << 20
-
-
-def file_digest(path) -> str:
-    import xxhash
-
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def source_fingerprint(source: str, config: str | None) -> str:

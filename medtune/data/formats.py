@@ -14,12 +14,12 @@
 Every kept row has `messages` and `train_from` (the first message whose assistant turns are supervised); MedTuned
 rows keep their three fields too (evaluation scores them). A row that cannot be used is counted under a reason:
 unknown_role, no_assistant_turn, not_a_message_list, non_string_content, empty_reply, ... (plus template_error and the
-like when the chat template refuses it, medtune.chat_format).
+like when the chat template refuses it, medtune.inference.chat_format).
 """
 
 from __future__ import annotations
 
-from medtune.chat_format import user_message
+from medtune.inference.chat_format import user_message
 from medtune.data import vignettes
 
 INSTRUCTION, MESSAGES, PROMPT_COMPLETION, VIGNETTE = "instruction", "messages", "prompt_completion", "vignette"

@@ -1,7 +1,7 @@
 """Rows -> token ids and loss mask of the model's chat format -> best-fit-decreasing packed rows, cached on disk.
 
-Each row's conversation is encoded by medtune.chat_format (the ids of the tokenizer's apply_chat_template, the mask
-on the supervised assistant turns and their end-of-turn tokens); with completion_only_loss false every token is
+Each row's conversation is encoded by medtune.inference.chat_format (the ids of the tokenizer's apply_chat_template,
+the mask on the supervised assistant turns and their end-of-turn tokens); with completion_only_loss false every token is
 trained on.
 
 Packing is TRL's `pack_dataset(strategy="bfd")`: whole samples are placed into `max_length` slots and each
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from medtune.chat_format import ChatFormat, Encoded, RowError
+from medtune.inference.chat_format import ChatFormat, Encoded, RowError
 from medtune.data import preflight
 from medtune.data.fingerprint import completion_only, fingerprint
 from medtune.data.rows import RowReport
@@ -87,6 +87,13 @@ class PreparedData:
     stats: DataStats
     eval_stats: DataStats | None
     cache_dir: Path
+
+    def eval_rows(self) -> list[dict] | None:
+        """The eval split's MedTuned rows as read (for scoring generated replies), None without an eval split."""
+        from medtune.data.select import load_rows
+
+        path = self.cache_dir / EVAL_ROWS
+        return load_rows(str(path))[0] if path.exists() else None
 
 
 def fit(encoded: Encoded, max_length: int) -> tuple[list[int], list[int]] | None:

@@ -4,14 +4,14 @@ end-of-turn that is never trained shows before hours of training, not after.
 
 The rows are kept with the data cache (one process builds it), so every job prints and checks them at start.
 Encoding stops at once on a row with no supervised token or an assistant turn whose end-of-turn would not be
-trained (medtune.chat_format); here every kept sample must also train on a stop id unless it was truncated.
+trained (medtune.inference.chat_format); here every kept sample must also train on a stop id unless it was truncated.
 """
 
 from __future__ import annotations
 
 import logging
 
-from medtune.chat_format import ChatFormat
+from medtune.inference.chat_format import ChatFormat
 
 logger = logging.getLogger(__name__)
 

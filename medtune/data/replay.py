@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
+from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
 from medtune.data import base_replies, formats
 from medtune.data.rows import RowReport, json_lines, readable
 

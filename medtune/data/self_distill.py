@@ -47,7 +47,7 @@ def _says(text: str, answer: str) -> bool:
 def keeps_answer(row: dict, rewrite: str) -> bool:
     """SDFT's selection: does the rewrite give the row's answer?"""
     if "case" in row:  # a vignette (medtune.data.vignettes)
-        from medtune.eval.scorers.consultation import read_level  # the level as the consultation scores read it
+        from medtune.data.advice import read_level  # the level as the consultation scores read it
 
         if row.get("triage") and read_level(rewrite) != row["triage"]:
             return False

@@ -21,8 +21,9 @@ reply from `reply()`), so that a vignette file trains like any other row format,
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
-from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
+from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT
 
 EMERGENCY, DOCTOR, SELF_CARE = "emergency", "see a doctor", "self-care"
 LEVELS = (SELF_CARE, DOCTOR, EMERGENCY)  # in order of urgency
@@ -136,3 +137,16 @@ def clean(raw: dict, where: str) -> tuple[dict | None, str | None]:
     if isinstance(raw.get("id"), (str, int)):
         row["id"] = str(raw["id"])
     return row, None
+
+
+# The consultation metrics counted over the emergencies only; `metric_n` is what each one is computed on, for the
+# evaluation's tables and the model card.
+EMERGENCY_COUNTS = ("emergency_recall", "under_triaged_emergencies", "emergencies_to_self_care")
+
+
+def metric_n(metrics: Mapping, metric: str) -> int:
+    """How many cases one question's metric is computed on: the diagnoses for top-k, the emergencies for the
+    emergency counts, else the cases with a level."""
+    if metric.startswith("top"):
+        return int(metrics["n_diagnosis"])
+    return int(metrics["n_emergencies"] if metric in EMERGENCY_COUNTS else metrics["n_triage"])

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from medtune.chat_format import with_system_prompt
+from medtune.inference.chat_format import with_system_prompt
 from medtune.data.vignettes import DOCTOR, EMERGENCY, LEVELS, SELF_CARE
-from medtune.eval.scorers.consultation import (Matcher, diagnosis_scores, mcnemar, read_differential, read_level,
-                                               triage_scores)
+from medtune.data.advice import read_level
+from medtune.eval.scorers.consultation import Matcher, diagnosis_scores, mcnemar, read_differential, triage_scores
 
 CONSULT, TRIAGE, DIFFERENTIAL, LIKELIHOOD = "consult", "triage", "differential", "likelihood"
 QUESTIONS = (CONSULT, TRIAGE, DIFFERENTIAL)
@@ -37,17 +37,6 @@ TRIAGE_MAX_NEW_TOKENS = 16  # a forced choice; room for "Emergency. Call ..." bu
 # The triage scores shown per question (console, eval.md) and logged during training, in that order.
 TRIAGE_METRICS = ("triage_accuracy", "safety", "emergency_recall", "under_triaged_emergencies",
                   "emergencies_to_self_care", "over_triage", "unparsed")
-EMERGENCY_COUNTS = ("emergency_recall", "under_triaged_emergencies", "emergencies_to_self_care")
-
-
-def metric_n(metrics: Mapping, metric: str) -> int:
-    """How many cases one question's metric is computed on: the diagnoses for top-k, the emergencies for the
-    emergency counts, else the cases with a level."""
-    if metric.startswith("top"):
-        return int(metrics["n_diagnosis"])
-    return int(metrics["n_emergencies"] if metric in EMERGENCY_COUNTS else metrics["n_triage"])
-
-
 def is_vignette(row: Mapping) -> bool:
     return "case" in row and "diagnosis" in row
 

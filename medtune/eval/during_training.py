@@ -21,7 +21,7 @@ from contextlib import nullcontext
 
 from transformers import TrainerCallback
 
-from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
+from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT
 from medtune.data.select import load_rows
 from medtune.eval import consultation
 from medtune.eval.scorers.consultation import Matcher

@@ -6,9 +6,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from medtune.chat_format import ChatFormat, Messages, RowError
+from medtune.inference.chat_format import ChatFormat, Messages, RowError
 from medtune.data.vignettes import LEVELS
-from medtune.decoding import complete, prefill
+from medtune.inference.decoding import complete, prefill
 from medtune.eval import consultation
 from medtune.eval.prompt import row_messages
 from medtune.eval.score import mean_loss, score
@@ -40,7 +40,7 @@ def reply_losses(model, fmt: ChatFormat, rows: Sequence[Row], batch_size: int) -
     for row, e in zip(rows, encoded):
         if isinstance(e, RowError):
             raise ValueError(f"{row.get('where', 'a row')}: {e}")
-    if hasattr(model, "token_losses"):  # a llama.cpp model (medtune.llama_cpp_engine): one row at a time
+    if hasattr(model, "token_losses"):  # a llama.cpp model (medtune.inference.llama_cpp): one row at a time
         out = []
         for e in encoded:
             start = max(0, e.mask.index(1) - 1)

@@ -18,7 +18,8 @@ import openai
 
 from medtune.eval import consultation
 from medtune.eval.endpoint import Endpoint, EndpointDown, RowFailed, connect as connect_endpoint, open_client, reply
-from medtune.eval.scorers.consultation import read_level, triage_scores
+from medtune.data.advice import read_level
+from medtune.eval.scorers.consultation import triage_scores
 
 MAX_ATTEMPTS = 3
 VERDICT_TOKENS = 8

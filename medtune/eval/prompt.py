@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from medtune.chat_format import user_message
+from medtune.inference.chat_format import user_message
 
 
 def row_messages(row: Mapping) -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from medtune.data.sources import source_of
+from medtune.data.vignettes import metric_n
 from medtune.eval import consultation
 from medtune.eval.predictions import PREDICTIONS, row_hash
 
@@ -30,7 +31,7 @@ SUBSET_N = {"medmcqa_accuracy": ("n_medmcqa",), "pubmedqa_accuracy": ("n_pubmedq
 
 def _n(metrics: Mapping, metric: str) -> int:
     if "n_triage" in metrics or "n_diagnosis" in metrics:  # a consultation question
-        return consultation.metric_n(metrics, metric)
+        return metric_n(metrics, metric)
     subset = SUBSET_N.get(metric, ())
     return int(sum(metrics[k] for k in subset) if subset and all(k in metrics for k in subset) else metrics["n"])
 
@@ -117,7 +118,7 @@ def consultation_table(results: Mapping, base: Mapping | None = None) -> str:
             if metric == "emergency_recall":
                 low, high = metrics["emergency_recall_ci"]
                 text += f" [{low:.2f}, {high:.2f}]"
-            n = consultation.metric_n(metrics, metric)
+            n = metric_n(metrics, metric)
             p = tests.get(question, {}).get(metric, {}).get("p_value")
             lines.append((question, metric, str(n), *((_cell(b), text, _cell(None if b is None else value - b),
                                                       "–" if p is None else f"{p:.3g}") if base else (text,))))

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from medtune import adapters
-from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
+from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT
 from medtune.command_line import add_runtime_arguments
 from medtune.data.rows import RowReport, is_local, json_lines
 from medtune.data.select import load_rows, select_rows
@@ -43,7 +43,7 @@ from medtune.eval import consultation
 from medtune.eval.report import consultation_table, headline_table, log_wandb, write_report
 from medtune.eval.score import score
 from medtune.eval.scorers.consultation import Matcher
-from medtune.gguf_export import GGUFExportError
+from medtune.inference.gguf import GGUFError
 
 AUTO = "auto"
 
@@ -188,11 +188,11 @@ def _evaluate_models(args, rows: list[dict], vignettes: list[dict],
                      system_prompt: str) -> tuple[Side, Side | None, str | None]:
     import torch
 
-    from medtune import inference
+    from medtune.inference.load import load_for_inference
 
     adapter = adapters.is_adapter(args.model)
     as_trained = args.adapter_base == "as-trained"
-    model, fmt = inference.load_for_inference(args.model, device=args.device, dtype=args.dtype, as_trained=as_trained,
+    model, fmt = load_for_inference(args.model, device=args.device, dtype=args.dtype, as_trained=as_trained,
                                               engine=args.engine, max_sequences=args.batch_size)
     baseline = adapters.adapter_base(args.model) if args.baseline == AUTO else args.baseline
     print(f"evaluating {args.model} on {len(rows)} rows and {len(vignettes)} vignettes")
@@ -207,7 +207,7 @@ def _evaluate_models(args, rows: list[dict], vignettes: list[dict],
     else:  # another model: free the tuned one first (two 7B models rarely fit together)
         del model
         torch.cuda.empty_cache()
-        model, fmt = inference.load_for_inference(baseline, device=args.device, dtype=args.dtype, engine=args.engine,
+        model, fmt = load_for_inference(baseline, device=args.device, dtype=args.dtype, engine=args.engine,
                                                   max_sequences=args.batch_size)
         context = nullcontext()
     with context:
@@ -289,15 +289,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows, tuned, base, remote, failed = _evaluate_endpoints(args, rows, vignettes, all_rows, system_prompt)
         header |= remote
     else:
-        from medtune.inference import pick_engine
+        from medtune.inference.load import pick_engine
 
         try:
             tuned, base, baseline = _evaluate_models(args, rows, vignettes, system_prompt)
-        except (GGUFExportError, OSError) as err:  # a missing or damaged .gguf
+        except (GGUFError, OSError) as err:  # a missing or damaged .gguf
             raise SystemExit(f"medtune-eval: {err}") from None
         header |= {"baseline": baseline, "max_new_tokens": args.max_new_tokens, "decoding": "greedy",
                    "engine": pick_engine(args.model, args.engine)}
-        if adapters.is_adapter(args.model):  # which base weights the adapter ran on (medtune.inference.load_base)
+        if adapters.is_adapter(args.model):  # which base weights the adapter ran on (medtune.inference.load.load_base)
             header["adapter_base"] = args.adapter_base if adapters.trained_quantization(args.model) else "original"
     sides = [tuned] + ([base] if base else [])
     comparison = None
@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"every metric, per family and source: {out / 'eval.md'}; the report: {out / 'eval.json'}")
     if args.model and adapters.is_adapter(args.model) and out.resolve() in (Path(args.model).resolve(),
                                                                             Path(args.model).resolve().parent):
-        from medtune.model_card import write_adapter_card
+        from medtune.export.model_card import write_adapter_card
 
         print(f"model card with these results: {write_adapter_card(args.model)}")
     if failed:

@@ -6,7 +6,7 @@ and on resume points WANDB_RUN_ID at the run stored in the checkpoint. `monitori
 use_wandb)` returns the callbacks to pass to the Trainer: `ThroughputCallback` (adds metrics to every training log)
 followed, when W&B is used, by `WandbRunCallback` (transformers' WandbCallback, made failure-tolerant, plus the
 recipe's values and the run manifest in the run config, run-id checkpointing and the adapter artifact). W&B is
-taken out of the Trainer's `report_to` (medtune.trainer_arguments) so the Trainer does not add its own
+taken out of the Trainer's `report_to` (medtune.training.trainer_arguments) so the Trainer does not add its own
 WandbCallback ahead of ours: the throughput metrics must be in the log dict before W&B receives it.
 
 Modules: flops (FLOP model, device peaks), throughput (the metrics callback), run_info (the run manifest),

@@ -16,7 +16,7 @@ def setup_logging(args) -> None:
     of the EVERY_RANK logger are printed on every rank.
 
     "Main" is global rank 0, as transformers' `should_log` and `get_process_log_level` decide with
-    `log_on_each_node=False` (the Trainer gets that setting from medtune.trainer_arguments); `args`
+    `log_on_each_node=False` (the Trainer gets that setting from medtune.training.trainer_arguments); `args`
     (TrainingArguments) is read, not changed. transformers' and datasets' records go through the root handler, so
     they carry the rank prefix too.
     """

@@ -18,7 +18,7 @@ LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes
 
 def run_info(recipe, prepared, adjustments=()) -> dict:
     """Everything needed to reproduce or compare a run: the recipe as the user wrote it, the adjustments the Trainer's
-    arguments got (medtune.trainer_arguments), versions, commit, hardware and data counts."""
+    arguments got (medtune.training.trainer_arguments), versions, commit, hardware and data counts."""
     from accelerate import PartialState
 
     versions = {}

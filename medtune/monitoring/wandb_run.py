@@ -24,7 +24,7 @@ class WandbRunCallback(WandbCallback):
 
     - a W&B failure (no credentials for an online run, unreachable server) is a warning, not a crashed job;
     - the run config holds the training settings as the recipe gives them (WandbCallback logs the Trainer's, which
-      medtune.trainer_arguments adjusted) and, under `medtune`, the run manifest (medtune.monitoring.run_info);
+      medtune.training.trainer_arguments adjusted) and, under `medtune`, the run manifest (medtune.monitoring.run_info);
     - each checkpoint records the run id in checkpoint-N/wandb_run_id.txt, which configure_wandb reads on resume;
     - at the end of a completed run the LoRA adapter is logged as a 'model' artifact; a run stopped early
       (preempted) is marked preempting instead. Either way the run is finished when training ends.

@@ -22,12 +22,12 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 
-from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
-from medtune.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
+from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT
+from medtune.inference.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
 from medtune.serve.errors import install_error_handlers, timeout_error
 from medtune.serve.protocol import Limits, chat_params, parse_request, read_body, response_meta, sse
 from medtune.serve.security import LOOPBACK_NAMES, Guard, TrustedHost
-from medtune.serve.triage import triage_messages
+from medtune.inference.triage import triage_messages
 
 STATIC = Path(__file__).parent / "static"
 # The page runs only its own script and talks only to this server: even text that slipped past the page's escaping

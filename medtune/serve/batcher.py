@@ -19,9 +19,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from medtune.chat_format import ChatFormat
-from medtune.decoding import new_batch, room
-from medtune.generation import Reply, Sampling
+from medtune.inference.chat_format import ChatFormat
+from medtune.inference.decoding import new_batch, room
+from medtune.inference.generation import Reply, Sampling
 
 log = logging.getLogger("medtune.serve")
 
@@ -34,7 +34,7 @@ class QueueFull(Exception):
 
 class Job:
     """One request, and the queue of the event loop that submitted it, which receives its events: when `stream`,
-    ("text", str) as the reply grows; then ("finish", medtune.generation.Completion), ("timeout", None) or
+    ("text", str) as the reply grows; then ("finish", medtune.inference.generation.Completion), ("timeout", None) or
     ("error", str). A plain request gets only the last: waking its handler once per token costs the generation
     thread the GIL at every step."""
 
@@ -60,7 +60,7 @@ def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
 class _Running:
     """The batch in progress, and the job and reply of each of its rows (by row index)."""
 
-    batch: object  # medtune.decoding.new_batch's
+    batch: object  # medtune.inference.decoding.new_batch's
     jobs: dict[int, Job]
     replies: dict[int, Reply]
 
@@ -125,10 +125,8 @@ class Batcher:
             if jobs and (started := self._guarded(jobs, self._start, jobs)):
                 if not running:
                     running = started
-                elif not self._guarded([*jobs, *running.jobs.values()], self._join, running, started):
-                    running.batch.close()
-                    started.batch.close()
-                    running = None
+                elif not self._guarded(list(started.jobs.values()), self._join, running, started):
+                    started.batch.close()  # the newcomers failed; the running batch is as it was
             if running:
                 self._guarded(list(running.jobs.values()), self._step, running)
             self._flush()  # the clients get this round's tokens while the next one is computed

@@ -16,8 +16,8 @@ import resource
 from pathlib import Path
 
 from medtune.command_line import add_runtime_arguments
-from medtune.chat_format import DEFAULT_SYSTEM_PROMPT
-from medtune.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
+from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT
+from medtune.inference.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
 from medtune.serve.connections import ConnectionLimits, backlog, default_max_connections
 from medtune.serve.protocol import Limits
 from medtune.serve.security import allowed_hosts, is_loopback
@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     access.add_argument("--insecure-no-auth", action="store_true",
                         help="allow a non-loopback --host without an API key (e.g. behind an authenticating proxy)")
     access.add_argument("--allowed-hosts", nargs="+", default=[], metavar="NAME",
-                        help="Host header names to answer besides loopback and the bound address; '*' for any")
+                        help="Host header names to answer besides loopback and the bound address "
+                             "('*.example.org' for its subdomains); '*' for any")
     access.add_argument("--cors-origins", nargs="+", default=[], metavar="ORIGIN",
                         help="web origins allowed to call the API from a browser (default: none)")
     scale = p.add_argument_group("scale-out")
@@ -85,7 +86,7 @@ def build_backend(args):
 
         return UpstreamBackend(args.upstream, args.upstream_api_key, args.upstream_model, args.max_queue,
                                args.request_timeout)
-    from medtune.inference import load_for_inference_or_demo
+    from medtune.inference.load import load_for_inference_or_demo
     from medtune.serve.local import LocalBackend
 
     model, fmt = load_for_inference_or_demo(args.model, args.device, args.dtype, args.adapter_base, args.engine,
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     if not is_loopback(args.host) and not args.api_key and not args.insecure_no_auth:
         p.error(f"--host {args.host} would let anyone who can reach it use the model: set --api-key (or "
                 "MEDTUNE_API_KEY), or pass --insecure-no-auth if an authenticating proxy is in front")
+    if bad := [h for h in args.allowed_hosts if h != "*" and "*" in h.removeprefix("*.")]:
+        p.error(f"--allowed-hosts {bad[0]}: a '*' stands alone (any name) or opens a name ('*.example.org')")
     limits = connection_limits(p, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Awaitable, Callable
 
-from medtune.chat_format import ChatFormat, RowError
-from medtune.generation import Sampling
+from medtune.inference.chat_format import ChatFormat, RowError
+from medtune.inference.generation import Sampling
 from medtune.serve.batcher import Batcher, Job, QueueFull
 from medtune.serve.errors import APIError, timeout_error
 from medtune.serve.protocol import ChatParams, chunk, completion_body, sse, usage

@@ -18,8 +18,8 @@ from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from medtune.chat_format import with_system_prompt
-from medtune.generation import GREEDY_TEMPERATURE
+from medtune.inference.chat_format import with_system_prompt
+from medtune.inference.generation import GREEDY_TEMPERATURE
 from medtune.serve.errors import APIError
 
 MAX_STOP = 4  # OpenAI's limit on the number of stop strings

@@ -81,7 +81,8 @@ class DataArguments:
 
 @dataclass
 class CheckpointArguments:
-    """Resuming and time-based checkpoints, beside the Trainer's own save_strategy (see medtune/preemption.py)."""
+    """Resuming and time-based checkpoints, beside the Trainer's own save_strategy (see
+    medtune/training/preemption.py)."""
 
     resume: bool = field(
         default=False, metadata={"help": "Resume from the newest complete checkpoint in output_dir, if any."}

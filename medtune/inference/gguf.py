@@ -68,22 +68,52 @@ def gguf_file(value: str) -> Path:
     return Path(found[0].locate())
 
 
+class GGUFError(ValueError):
+    """A model, type or file that cannot be written or read back as GGUF; the message says what to do."""
+
+
+def read_gguf(path: str | Path):
+    """GGUFReader of `path`, or an error naming the file and what is wrong with it."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, OSError) as err:
+        raise GGUFError(f"{path}: a damaged or truncated GGUF file ({err}); write or download it again") \
+            from None
+
+
+_CHUNK = 1 << 20
+
+
+def file_digest(path) -> str:
+    """xxh3-128 of a file's bytes: the key of a converted GGUF and of local data files in the data cache."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def local_model(value: str | os.PathLike) -> str:
     """`value` itself, or for a GGUF the converted model folder (converted on first use)."""
     if not is_gguf(value):
         return str(value)
     from filelock import FileLock
 
-    from medtune.data.fingerprint import file_digest
-
-    from medtune.gguf_export import read_gguf
-
     source = gguf_file(str(value))
-    read_gguf(source)  # a truncated or foreign file: an error naming it, not a traceback from deep in transformers
     out = cache_root() / f"{source.stem}-{file_digest(source)[:16]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{out}.lock"):
         if not (out / "config.json").is_file():
+            read_gguf(source)  # a truncated or foreign file: an error naming it, not a traceback from transformers
             logger.info("converting %s to a model folder in %s (once)", source, out)
             tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -106,8 +136,6 @@ def tokenizer(source: Path):
     """The tokenizer and chat template a GGUF file holds, as transformers reads them (plus the "smollm" fix)."""
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
-
-    from medtune.gguf_export import read_gguf
 
     fields = read_gguf(source).fields
     with tempfile.TemporaryDirectory() as alone:  # not the tokenizer files of a model folder the file sits in

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from medtune.command_line import add_runtime_arguments
-from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
-from medtune.decoding import Stream
-from medtune.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, Sampling
-from medtune.inference import load_for_inference_or_demo
-from medtune.serve.triage import triage_text
+from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT, with_system_prompt
+from medtune.inference.decoding import Stream
+from medtune.inference.generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, Sampling
+from medtune.inference.load import load_for_inference_or_demo
+from medtune.inference.triage import triage_text
 
 HELP = "Commands: /reset new conversation, /exit quit, /help this text. Ctrl-C stops a reply."
 DISCLAIMER = ("Not a doctor: answers may be wrong. For emergency symptoms call your local emergency number "

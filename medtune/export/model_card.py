@@ -16,7 +16,8 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from medtune.adapters import adapter_base, run_manifest, trained_quantization
-from medtune.chat_format import ChatFormat
+from medtune.data.vignettes import metric_n
+from medtune.inference.chat_format import ChatFormat
 
 DISCLAIMER = (
     "This model is for research and education. It is not a doctor and does not give medical diagnoses or "
@@ -34,7 +35,7 @@ DATA_KEYS = {"dataset_name": "training", "eval_dataset_name": "evaluation",
              "consultation_eval_dataset": "consultation evaluation"}
 # Licences of datasets medtune knows, from their cards; a licence that restricts use passes to the tuned weights.
 HUB_LICENCES = {"nlpie/Llama2-MedTuned-Instructions": "cc-by-nc-4.0"}
-REPOSITORY_DATA = Path(__file__).resolve().parents[1] / "data"  # written for medtune: the repository's licence
+REPOSITORY_DATA = Path(__file__).resolve().parents[2] / "data"  # written for medtune: the repository's licence
 REPOSITORY_LICENCE = "apache-2.0"
 NAMES = {"apache-2.0": "Apache-2.0", "cc-by-nc-4.0": "CC-BY-NC-4.0"}
 INHERITED = {"cc-by-nc-4.0": "CC-BY-NC-4.0: non-commercial use only, and the tuned weights inherit it"}
@@ -133,8 +134,6 @@ def _consultation(report: dict) -> list[dict]:
     """The consultation's headline numbers per question, tuned and base."""
     tuned = report.get("families", {}).get("consultation", {}).get("questions", {})
     base = (report.get("baseline") or {}).get("families", {}).get("consultation", {}).get("questions", {})
-    from medtune.eval.consultation import metric_n
-
     return [{"name": q, "metric": m, "n": metric_n(tuned[q], m),
              "value": _fmt(tuned[q][m]), "base": _fmt(base.get(q, {}).get(m))}
             for q, m in CONSULTATION_ROWS if m in tuned.get(q, {})]
@@ -254,8 +253,8 @@ def model_card(base: str, record: TrainingRecord, fmt: ChatFormat, dtype: str | 
 def write_adapter_card(adapter_dir: str | Path) -> Path:
     """medtune's card in the adapter folder's README.md (over TRL's), from the tokenizer, generation_config and
     records the folder holds."""
-    from medtune.inference import load_tokenizer
-    from medtune.model import generation_eos
+    from medtune.inference.load import load_tokenizer
+    from medtune.inference.load import generation_eos
 
     adapter_dir = Path(adapter_dir)
     fmt = ChatFormat(load_tokenizer(adapter_dir), eos_token_id=generation_eos(str(adapter_dir)))

@@ -1,6 +1,6 @@
 """`accelerate launch` for one node of slurm/train.sbatch, exiting with EXIT_PREEMPTED when its ranks did.
 
-    python -m medtune.node_launch <accelerate launch arguments> launch/train.py --config <recipe> ...
+    python -m medtune.training.node_launch <accelerate launch arguments> launch/train.py --config <recipe> ...
 
 The batch script requeues a job only when its ranks stopped for a signal with a complete checkpoint, not when they
 failed. accelerate launch hides that: torchrun turns any non-zero worker status into a ChildFailedError, and
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from medtune.preemption import EXIT_PREEMPTED
+    from medtune.training.preemption import EXIT_PREEMPTED
 
     args = launch_command_parser().parse_args(argv)
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medtune.chat_format import DEFAULT_SYSTEM_PROMPT, ChatFormat
+from medtune.inference.chat_format import DEFAULT_SYSTEM_PROMPT, ChatFormat
 
 _MARK = "\ue000"  # a private-use character: never in a template
 _CHECKS = (

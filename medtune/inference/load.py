@@ -1,6 +1,6 @@
 """Loading a medtune model for generation: a base or merged model folder, or a LoRA adapter on its base, with the chat
-format of its tokenizer (medtune.chat_format). Shared by the terminal chat, the server, evaluation and export;
-generating is medtune.generation's.
+format of its tokenizer (medtune.inference.chat_format); a GGUF file on llama.cpp. The one tokenizer loader and the
+one dtype rule, which training uses too. Shared by the terminal chat, the server, evaluation and export.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from medtune import model as medtune_model
 from medtune.adapters import adapter_base, is_adapter, trained_quantization
-from medtune.chat_format import ChatFormat
-from medtune.gguf import is_gguf, local_model
+from medtune.inference.chat_format import ChatFormat
+from medtune.inference.gguf import is_gguf, local_model
+from medtune.inference.quantization import fp32_on_cpu, quantization_config
 
 DEMO_MODEL = ".cache/tiny-starling"
 
@@ -23,11 +23,40 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """None or "auto": bf16 (fp16 without bf16) on a GPU, fp32 on CPU."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | None = None) -> torch.dtype:
+    """None or "auto": bf16 where the GPU has it, else fp16, on a GPU (`device`, or any visible one); fp32 on CPU,
+    which has no fast fp16 matmul. Else the dtype named."""
     if dtype in (None, "auto"):
-        return medtune_model.compute_dtype("auto") if device.startswith("cuda") else torch.float32
+        if torch.cuda.is_available() and (device or "cuda").startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def load_tokenizer(path: str | Path, revision: str | None = None, fallback: str | Path | None = None):
+    """The tokenizer of `path` (an adapter folder carries the one it was trained with) or else of `fallback`; one
+    without a padding token pads with its eos (padding is never trained on, and generation masks it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(local_model(path), revision=revision)
+    except (OSError, ValueError):
+        if fallback is None:
+            raise
+        tok = AutoTokenizer.from_pretrained(local_model(fallback))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def generation_eos(path: str | Path, revision: str | None = None) -> int | list[int] | None:
+    """The `eos_token_id` of a model's generation_config.json (an int or a list), None without one."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(local_model(path), revision=revision).eos_token_id
+    except OSError:
+        return None
 
 
 def load_base(path: str | Path, dtype: torch.dtype, quantized: dict | None = None, device: str = "cpu"):
@@ -48,10 +77,10 @@ def load_base(path: str | Path, dtype: torch.dtype, quantized: dict | None = Non
                            "trained against needs bitsandbytes: pip install bitsandbytes, or pass --adapter-base "
                            "original to run it on the base's own weights")
     settings = SimpleNamespace(**{**quantized, "bnb_4bit_quant_storage": None})  # storage dtype: same values
-    config = medtune_model.quantization_config(settings, dtype, sharded=False)
+    config = quantization_config(settings, dtype, sharded=False)
     model = AutoModelForCausalLM.from_pretrained(local_model(path), dtype=dtype, quantization_config=config,
                                                  device_map={"": device})
-    return medtune_model.fp32_on_cpu(model).dequantize(dtype=dtype)
+    return fp32_on_cpu(model).dequantize(dtype=dtype)
 
 
 def load_weights(path: str | Path, dtype: torch.dtype, base_model: str | None = None, as_trained: bool = True,
@@ -72,19 +101,6 @@ def load_weights(path: str | Path, dtype: torch.dtype, base_model: str | None = 
     return PeftModel.from_pretrained(base, str(path))
 
 
-def load_tokenizer(path: str | Path, fallback: str | Path | None = None):
-    """The tokenizer of `path` (an adapter folder carries the one it was trained with) or else of `fallback`, with
-    left padding for generation."""
-    try:
-        tok = medtune_model.load_tokenizer(path)
-    except (OSError, ValueError):
-        if fallback is None:
-            raise
-        tok = medtune_model.load_tokenizer(fallback)
-    tok.padding_side = "left"
-    return tok
-
-
 def pick_engine(path: str | Path | None, engine: str = "auto") -> str:
     """"llama.cpp" or "transformers" for `path`; auto: llama.cpp for a .gguf file when llama-cpp-python is installed."""
     if engine == "auto":  # not for pypi: models, the bases of training, compared with what trained on them
@@ -101,8 +117,8 @@ def pick_engine(path: str | Path | None, engine: str = "auto") -> str:
 
 def load_llama_cpp(path: str | Path, context_size: int | None = None, max_sequences: int = 8):
     """(a GGUF model in llama.cpp, the chat format of the tokenizer and template the file holds)."""
-    from medtune.gguf import gguf_file, tokenizer
-    from medtune.llama_cpp_engine import LlamaCppModel
+    from medtune.inference.gguf import gguf_file, tokenizer
+    from medtune.inference.llama_cpp import LlamaCppModel
 
     source = gguf_file(str(path))
     model = LlamaCppModel(source, context_size, max_sequences)
@@ -138,6 +154,7 @@ def load_for_inference(path: str | Path, device: str | None = None, dtype: str |
     model = load_weights(path, resolve_dtype(dtype, device), base_model, as_trained, device)
     base = getattr(model, "peft_config", {}).get("default")
     tok = load_tokenizer(path, fallback=base_model or (base.base_model_name_or_path if base else None))
+    tok.padding_side = "left"  # generation continues from the right edge
     model.to(device).eval()
     return model, ChatFormat(tok, eos_token_id=model.generation_config.eos_token_id)
 

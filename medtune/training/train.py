@@ -17,18 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medtune.config import Recipe, recipe_from_command_line
+from medtune.training.config import Recipe, recipe_from_command_line
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from medtune.chat_format import ChatFormat
+    from medtune.inference.chat_format import ChatFormat
     from medtune.data import PreparedData
     from medtune.eval.during_training import ConsultationEval
-    from medtune.generation import Completion
-    from medtune.preemption import PreemptionCallback
+    from medtune.inference.generation import Completion
+    from medtune.training.preemption import PreemptionCallback
 
 logger = logging.getLogger("medtune")
 
@@ -46,7 +46,7 @@ class TrainResult:
 
 def build_trainer(recipe: Recipe, args: SFTConfig, tokenizer: PreTrainedTokenizerBase, prepared: PreparedData,
                   model: PreTrainedModel, callbacks: list[TrainerCallback]) -> SFTTrainer:
-    """TRL's SFTTrainer on the prepared data, with `args` from medtune.trainer_arguments."""
+    """TRL's SFTTrainer on the prepared data, with `args` from medtune.training.trainer_arguments."""
     from trl import SFTTrainer, get_peft_config
 
     trainer = SFTTrainer(
@@ -71,7 +71,7 @@ def build_trainer(recipe: Recipe, args: SFTConfig, tokenizer: PreTrainedTokenize
 
 def answer_sample(model, fmt: ChatFormat, prompt: str) -> Completion:
     """The trained model's greedy reply to `prompt`, with its finish reason."""
-    from medtune.decoding import complete
+    from medtune.inference.decoding import complete
 
     model.eval()
     return complete(model, fmt, [[{"role": "user", "content": prompt}]], max_new_tokens=48)[0]
@@ -79,15 +79,13 @@ def answer_sample(model, fmt: ChatFormat, prompt: str) -> Completion:
 
 def evaluate_generations(trainer, fmt: ChatFormat, prepared, samples: int) -> None:
     """Score generated replies on eval rows per task family and log them with the training metrics."""
-    from medtune.data.pipeline import EVAL_ROWS
+    from medtune.data.select import select_rows
     from medtune.eval.generate import evaluate_model, flat_metrics, headlines
-    from medtune.data.select import load_rows, select_rows
 
-    path = prepared.cache_dir / EVAL_ROWS
-    if not path.exists():
+    if (rows := prepared.eval_rows()) is None:
         logger.warning("generation_eval_samples=%d but the recipe has no eval split: skipped", samples)
         return
-    rows = select_rows(load_rows(str(path))[0], samples, seed=trainer.args.seed)
+    rows = select_rows(rows, samples, seed=trainer.args.seed)
     results, _ = evaluate_model(trainer.model, fmt, rows, max_new_tokens=128,
                                 batch_size=trainer.args.per_device_eval_batch_size)
     logger.info("generation eval on %d rows: %s; per source and all metrics: eval/gen_* in the logs",
@@ -110,10 +108,10 @@ class Run:
 def build_run(recipe: Recipe) -> Run:
     from medtune.checkpoints import find_resume_checkpoint
     from medtune.data import prepare_dataset
-    from medtune.model import load_chat_format, load_model
+    from medtune.training.model import load_chat_format, load_model
     from medtune.monitoring import configure_wandb, monitoring_callbacks, run_info, write_run_info
-    from medtune.preemption import PreemptionCallback
-    from medtune.trainer_arguments import resolve_trainer_arguments
+    from medtune.training.preemption import PreemptionCallback
+    from medtune.training.trainer_arguments import resolve_trainer_arguments
 
     fmt = load_chat_format(recipe)
     # Before the model and before any collective: one process tokenizes, the others wait on a file lock.
@@ -147,14 +145,11 @@ def save_for_inference(output_dir: Path, fmt: ChatFormat, recipe: Recipe) -> Non
     """What the adapter folder needs beside the adapter so that chat, serving, export and vLLM use the training
     format: the tokenizer with its chat template, a generation_config with every stop id, and the base model as a
     path that holds from any folder."""
-    from transformers import GenerationConfig
-
     from medtune.adapters import ADAPTER_CONFIG, adapter_config
+    from medtune.inference.generation import generation_config
 
     fmt.tokenizer.save_pretrained(output_dir)
-    stop = list(fmt.stop_ids)
-    GenerationConfig(bos_token_id=fmt.tokenizer.bos_token_id, pad_token_id=fmt.tokenizer.pad_token_id,
-                     eos_token_id=stop[0] if len(stop) == 1 else stop).save_pretrained(output_dir)
+    generation_config(fmt).save_pretrained(output_dir)
     base = Path(recipe.model.model_name_or_path).expanduser()
     if (output_dir / ADAPTER_CONFIG).is_file() and base.exists():
         config = adapter_config(output_dir)
@@ -175,8 +170,8 @@ def log_cpu_affinity() -> None:
 
 
 def train(recipe: Recipe) -> TrainResult:
-    from medtune import preemption, stop_signal
-    from medtune.model_card import write_adapter_card
+    from medtune.training import preemption, stop_signal
+    from medtune.export.model_card import write_adapter_card
 
     stop_signal.listen()  # before data preparation and model loading (launch/train.py does it before any import)
     try:
@@ -217,7 +212,7 @@ def train(recipe: Recipe) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> None:
     from medtune.monitoring import setup_logging
-    from medtune.preemption import EXIT_PREEMPTED
+    from medtune.training.preemption import EXIT_PREEMPTED
 
     recipe = recipe_from_command_line(argv)
     setup_logging(recipe.training)

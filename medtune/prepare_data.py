@@ -1,6 +1,6 @@
 """Tokenize + pack a recipe's data into the cache and exit: run once before a multi-node launch.
 
-    python -m medtune.data.prepare --config configs/recipes/starling_medtuned.yaml
+    python -m medtune.prepare_data --config configs/recipes/starling_medtuned.yaml
     medtune-prepare-data --config R --show 3 --json    # the first 3 prepared training rows, unpacked, as JSON lines
 
 `--show N` prints the first N training rows as they are trained on, in file order and before packing: one JSON
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from medtune.config import recipe_from_command_line
+from medtune.training.config import recipe_from_command_line
 
 
 def _pop_show(argv: list[str]) -> tuple[int | None, bool, list[str]]:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = recipe_from_command_line(rest, description=__doc__)
     from medtune.data import prepare_dataset
     from medtune.data.preflight import marked_text
-    from medtune.model import load_chat_format
+    from medtune.training.model import load_chat_format
     from medtune.monitoring import setup_logging
 
     setup_logging(recipe.training)

@@ -1,13 +1,13 @@
 """A GGUF model run by llama.cpp (llama-cpp-python's bindings of its C API), behind the same decoding interface as a
 transformers model: `decode_batch` gives an object with DecodeBatch's `rows`, `sample()` and `advance()`, so the
-server's batcher, the terminal chat and evaluation run it unchanged, under medtune.generation's rules (stop ids,
-stop strings, at least one token, per-request sampling from the logits).
+server's batcher, the terminal chat and evaluation run it unchanged, under medtune.inference.generation's rules (stop
+ids, stop strings, at least one token, per-request sampling from the logits).
 
 Not llama-cpp-python's `Llama` class: it holds one sequence, and samples inside llama.cpp. Here one llama.cpp
 context holds up to `max_sequences` sequences in one KV cache (`kv_unified`: all of them share `context_size`
 cells), and each step decodes the next token of every running row in one `llama_decode` call: llama.cpp's own
-batching, as its server does. Prompts and replies use the chat format's token ids (medtune.chat_format, from the
-tokenizer the GGUF holds), which the tests check against llama.cpp's own tokenizer.
+batching, as its server does. Prompts and replies use the chat format's token ids (medtune.inference.chat_format, from
+the tokenizer the GGUF holds), which the tests check against llama.cpp's own tokenizer.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from medtune.decoding import sample
-from medtune.generation import Sampling
+from medtune.inference.decoding import sample
+from medtune.inference.generation import Sampling
 
 
 class LlamaCppModel:
@@ -31,7 +31,7 @@ class LlamaCppModel:
                  threads: int | None = None):
         import llama_cpp
 
-        from medtune.gguf_export import read_gguf
+        from medtune.inference.gguf import read_gguf
 
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its loading log is pages long
         llama_cpp.llama_backend_init()

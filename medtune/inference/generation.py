@@ -1,5 +1,5 @@
 """The one set of generation rules, shared by evaluation, the end-of-training answer, the terminal chat and the
-server (its decoding loop is medtune.decoding):
+server (its decoding loop is medtune.inference.decoding):
 
 - a reply ends at any of the chat format's stop ids (not part of the text), at a stop string (OpenAI `stop`, never
   sent, not even in part), or at `max_tokens`;
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from tokenizers.decoders import DecodeStream
 
-from medtune.chat_format import ChatFormat
+from medtune.inference.chat_format import ChatFormat
 
 # Temperatures below this mean greedy decoding: dividing logits by a tiny temperature overflows to inf/nan. vLLM
 # uses the same bound (_SAMPLING_EPS = 1e-5 in vllm/sampling_params.py).
@@ -146,3 +146,13 @@ class Reply:
 
     def completion(self, prompt_tokens: int) -> Completion:
         return Completion("".join(self._pieces), self.finish_reason, prompt_tokens, self.tokens)
+
+
+def generation_config(fmt: ChatFormat):
+    """The generation_config.json of a trained or merged model: every stop id of its chat format as eos, so that
+    transformers, vLLM and TGI stop where training taught the model to."""
+    from transformers import GenerationConfig
+
+    stop = list(fmt.stop_ids)
+    return GenerationConfig(bos_token_id=fmt.tokenizer.bos_token_id, pad_token_id=fmt.tokenizer.pad_token_id,
+                            eos_token_id=stop[0] if len(stop) == 1 else stop)

@@ -1,8 +1,8 @@
 """A YAML recipe plus `--key value` overrides -> a validated `Recipe`, before anything heavy runs.
 
 Parsing is TRL's `TrlParser.parse_args_and_config` (the same flat YAML recipes as TRL scripts and alignment-handbook)
-over the dataclasses of medtune.arguments: the recipe's values become the parser's defaults and the command line
-overrides them. The checks here name the key and the fix in one line, so a bad recipe fails in a second, not after
+over the dataclasses of medtune.training.arguments: the recipe's values become the parser's defaults and the command
+line overrides them. The checks here name the key and the fix in one line, so a bad recipe fails in a second, not after
 the model has loaded.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from trl import TrlParser
 
-from medtune.arguments import ARGUMENTS, STARLING, Recipe
+from medtune.training.arguments import ARGUMENTS, STARLING, Recipe
 from medtune.data import mixture
 from medtune.data.rows import FILE_TYPES, data_format
 
@@ -214,10 +214,10 @@ def validate(recipe: Recipe) -> None:
     if d.chat_template:
         from jinja2 import TemplateSyntaxError
 
-        # Compiled as apply_chat_template compiles it (medtune.chat_format), so a syntax error stops here.
+        # Compiled as apply_chat_template compiles it (medtune.inference.chat_format), so a syntax error stops here.
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
-        from medtune.chat_format import read_template
+        from medtune.inference.chat_format import read_template
 
         try:
             _compile_jinja_template(read_template(d.chat_template))
@@ -288,7 +288,7 @@ def _check_data_source(key: str, value: str | None) -> None:
 
 
 def _check_model_source(value: str | None) -> None:
-    from medtune.gguf import gguf_file, is_gguf
+    from medtune.inference.gguf import gguf_file, is_gguf
 
     if not value:
         raise ConfigError(f"model_name_or_path is not set: use {STARLING!r} or a local model folder")

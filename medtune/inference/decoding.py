@@ -1,12 +1,12 @@
-"""The one decoding loop: a batch of prompts stepped one token at a time under medtune.generation's rules, used by
-evaluation, the end-of-training answer (`complete`), the terminal chat (`Stream`) and the server's batcher
+"""The one decoding loop: a batch of prompts stepped one token at a time under medtune.inference.generation's rules,
+used by evaluation, the end-of-training answer (`complete`), the terminal chat (`Stream`) and the server's batcher
 (`DecodeBatch`).
 
 transformers' `generate` applies one temperature and top-p to the whole batch and keeps finished rows until the
 longest is done, and its continuous-batching manager picks greedy or sampling for every request at once. The server
 needs each request's own settings and drops a row as soon as its request ends (finished, cancelled, timed out), so
 the step loop is here; padding (`tokenizer.pad`), the KV cache, the attention masks and top-p are transformers'.
-A GGUF model on llama.cpp (medtune.llama_cpp_engine) makes its own batch with the same interface (`new_batch`) and
+A GGUF model on llama.cpp (medtune.inference.llama_cpp) makes its own batch with the same interface (`new_batch`) and
 samples with the same `sample`.
 """
 
@@ -18,8 +18,8 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache, TopPLogitsWarper
 
-from medtune.chat_format import ChatFormat, Messages
-from medtune.generation import DEFAULT_MAX_NEW_TOKENS, GREEDY, Completion, Reply, Sampling
+from medtune.inference.chat_format import ChatFormat, Messages
+from medtune.inference.generation import DEFAULT_MAX_NEW_TOKENS, GREEDY, Completion, Reply, Sampling
 
 
 def left_padded(tok, prompts: list[list[int]], device) -> dict[str, torch.Tensor]:
@@ -42,6 +42,9 @@ def prefill(model, tok, prompts: list[list[int]], cache: DynamicCache) -> tuple[
     (padding masked, positions counting real tokens only), so a row sees what it would see alone."""
     shared = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
     shared = shared if shared >= SHARED_PREFIX_MIN else 0
+    window = getattr(model.config, "sliding_window", None)
+    if window and max(map(len, prompts)) >= window:  # padding after the prefix would take places in the window
+        shared = 0
     if shared:
         head = torch.tensor([prompts[0][:shared]], device=model.device)
         model(input_ids=head, position_ids=torch.arange(shared, device=model.device)[None], cache=cache,
@@ -111,15 +114,19 @@ class DecodeBatch:
         next `sample()`. The shorter KV cache is left-padded to the longer one's length, its padding masked; each
         row keeps its own positions, so it computes what it would alone. transformers has no such merge."""
         width = max(self.mask.shape[1], other.mask.shape[1])
+        layers = []  # built before anything is changed: a failure (out of memory) leaves this batch as it was
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             length = max(mine.keys.shape[-2], theirs.keys.shape[-2])
-            mine.keys = torch.cat([_left_pad(mine.keys, length, -2), _left_pad(theirs.keys, length, -2)])
-            mine.values = torch.cat([_left_pad(mine.values, length, -2), _left_pad(theirs.values, length, -2)])
+            layers.append((torch.cat([_left_pad(mine.keys, length, -2), _left_pad(theirs.keys, length, -2)]),
+                           torch.cat([_left_pad(mine.values, length, -2), _left_pad(theirs.values, length, -2)])))
+        mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        positions = torch.cat([self.positions[:, -1:], other.positions[:, -1:]])
+        logits = torch.cat([self._logits, other._logits])
+        for (keys, values), mine, theirs in zip(layers, self.cache.layers, other.cache.layers):
+            mine.keys, mine.values = keys, values
             if hasattr(mine, "cumulative_length"):  # a sliding-window layer counts the tokens it has seen
                 mine.cumulative_length = max(mine.cumulative_length, theirs.cumulative_length)
-        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
-        self.positions = torch.cat([self.positions[:, -1:], other.positions[:, -1:]])
-        self._logits = torch.cat([self._logits, other._logits])
+        self.mask, self.positions, self._logits = mask, positions, logits
         self.rows += [self.size + r for r in other.rows]
         self.fresh += other.fresh
         self.samplings += other.samplings
@@ -145,9 +152,12 @@ class DecodeBatch:
     def _drop_padding(self) -> None:
         """Cut the cache's columns that are padding in every row left (a long row that joined others has gone)."""
         lead = int(self.mask.any(0).int().argmax())
+        # Only while every layer holds every column: a sliding-window layer past its window holds the last ones.
         if lead and all(layer.keys.shape[-2] == self.mask.shape[1] for layer in self.cache.layers):
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+                if hasattr(layer, "cumulative_length"):  # transformers sizes a sliding layer's mask by this count
+                    layer.cumulative_length -= lead
             self.mask = self.mask[:, lead:]
 
 
@@ -159,7 +169,7 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 
 def new_batch(model, fmt: ChatFormat, prompts: list[list[int]], samplings: list[Sampling], max_tokens: list[int]):
-    """A DecodeBatch of a transformers model; a llama.cpp model (medtune.llama_cpp_engine) makes its own, with the
+    """A DecodeBatch of a transformers model; a llama.cpp model (medtune.inference.llama_cpp) makes its own, with the
     KV cells of each row's prompt and `max_tokens` reserved. `close()` it when it is dropped."""
     if hasattr(model, "decode_batch"):
         return model.decode_batch(fmt, prompts, samplings, max_tokens)

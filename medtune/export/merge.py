@@ -4,12 +4,12 @@
     medtune-export --model adjusted_model --out exported/starling-medtuned --gguf q8_0 q4_k_m   # also for llama.cpp
 
 The base is loaded in a float dtype (merging needs real weights): for an adapter trained on a 4-bit (or 8-bit) base,
-the base's weights as training saw them, quantised as then and de-quantised (medtune.inference.load_base), so the
+the base's weights as training saw them, quantised as then and de-quantised (medtune.inference.load.load_base), so the
 merged model answers as the adapter did in training; `--adapter-base original` merges into the original weights
 instead. The adapter is merged with peft's `merge_and_unload`, and the folder gets safetensors shards, the tokenizer
 with the chat template it was trained with, a generation_config whose eos_token_id lists every stop id of that
 format, and a model card built from the run's manifest (run_info.json) and evaluation report (eval.json) when they
-are there. `--gguf` adds GGUF files and Ollama Modelfiles (medtune.gguf_export).
+are there. `--gguf` adds GGUF files and Ollama Modelfiles (medtune.export.gguf).
 """
 
 from __future__ import annotations
@@ -19,25 +19,24 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from transformers import GenerationConfig
 
 from medtune.adapters import adapter_base, is_adapter, trained_quantization
-from medtune.chat_format import ChatFormat
+from medtune.inference.chat_format import ChatFormat
 from medtune.command_line import add_adapter_base_argument
-from medtune.gguf import local_model
-from medtune.gguf_export import GGUF_TYPES, GGUFExportError, check_architecture, check_types, write_gguf
-from medtune.inference import load_tokenizer, load_weights
-from medtune.model_card import find_training_record, model_card, quantization_name
+from medtune.inference.gguf import GGUFError, local_model
+from medtune.export.gguf import GGUF_TYPES, check_architecture, check_types, write_gguf
+from medtune.inference.generation import generation_config
+from medtune.inference.load import load_tokenizer, load_weights, resolve_dtype
+from medtune.export.model_card import find_training_record, model_card, quantization_name
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def export(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None = None,
            dtype: str = "bfloat16", max_shard_size: str = "5GB", as_trained: bool = True,
            gguf: Sequence[str] = ()) -> Path:
     """Merge `adapter_dir` into its base and write the standalone model to `out_dir`, with GGUF files of the `gguf`
-    types (medtune.gguf_export)."""
+    types (medtune.export.gguf)."""
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     if not is_adapter(adapter_dir):
         raise ValueError(f"{adapter_dir} has no adapter_config.json: not a LoRA adapter folder")
@@ -48,13 +47,10 @@ def export(adapter_dir: str | Path, out_dir: str | Path, base_model: str | None 
         check_types(list(gguf))
         check_architecture(AutoConfig.from_pretrained(local_model(base)).to_dict(), base)
     quantized = trained_quantization(adapter_dir) if as_trained else None
-    model = load_weights(adapter_dir, DTYPES[dtype], base_model, as_trained)  # float weights, on CPU
+    model = load_weights(adapter_dir, resolve_dtype(dtype), base_model, as_trained)  # float weights, on CPU
     fmt = ChatFormat(load_tokenizer(adapter_dir, fallback=base), eos_token_id=model.generation_config.eos_token_id)
     merged = model.merge_and_unload()
-    stop = list(fmt.stop_ids)
-    merged.generation_config = GenerationConfig(bos_token_id=fmt.tokenizer.bos_token_id,
-                                                eos_token_id=stop[0] if len(stop) == 1 else stop,
-                                                pad_token_id=fmt.tokenizer.pad_token_id)
+    merged.generation_config = generation_config(fmt)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, max_shard_size=max_shard_size)
     fmt.tokenizer.save_pretrained(out)
@@ -72,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("adapter", nargs="?", help="the adapter folder as a positional argument (same as --model)")
     parser.add_argument("--out", required=True, help="output folder for the merged model")
     parser.add_argument("--base", help="base model path or hub id (default: the one in adapter_config.json)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                         help="dtype the merged weights are written in (default: %(default)s)")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: %(default)s)")
     parser.add_argument("--gguf", nargs="+", default=[], metavar="TYPE",
@@ -82,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         check_types(args.gguf)
-    except GGUFExportError as err:
+    except GGUFError as err:
         parser.error(str(err))
     if args.model and args.adapter and args.model != args.adapter:
         parser.error(f"two adapters given ({args.adapter} and --model {args.model}): give one")
@@ -102,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         out = export(args.model, args.out, args.base, args.dtype, args.max_shard_size,
                      args.adapter_base == "as-trained", args.gguf)
-    except GGUFExportError as err:  # an architecture, tokenizer or file GGUF cannot take
+    except GGUFError as err:  # an architecture, tokenizer or file GGUF cannot take
         raise SystemExit(f"medtune-export: {err}") from None
     print(f"merged model written to {out}")
     for kind in args.gguf:

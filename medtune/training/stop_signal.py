@@ -3,7 +3,7 @@
 `listen()` runs first thing in launch/train.py, before torch is imported, so that a signal during imports, data
 preparation or model loading is remembered instead of being lost (the Slurm per-node launcher ignores USR1, and
 its children inherit that) or fatal (SIGTERM's default). Training acts on it at a step boundary
-(medtune.preemption). Standard library only, to be importable that early.
+(medtune.training.preemption). Standard library only, to be importable that early.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from transformers.trainer_utils import IntervalStrategy
 if TYPE_CHECKING:
     from trl import SFTConfig
 
-    from medtune.arguments import Recipe
+    from medtune.training.arguments import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def resolve_trainer_arguments(recipe: Recipe, has_eval: bool) -> tuple[SFTConfig
     if not has_eval:
         adjust("eval_strategy", IntervalStrategy.NO, "no eval rows")
     # The Trainer's rotation deletes old checkpoints once rank 0 has written its part of the new one; medtune's
-    # (medtune.preemption) does it after every rank has, so a job killed in between keeps a complete checkpoint.
+    # (medtune.training.preemption) does it after every rank has, so a job killed in between keeps a complete
+    # checkpoint.
     adjust("save_total_limit", None, "medtune rotates checkpoints itself, once the new one is complete")
     if "wandb" in (args.report_to or []):
         adjust("report_to", [r for r in args.report_to if r != "wandb"],

@@ -1,8 +1,9 @@
 """Preemptible training: stop at a step boundary with exactly one complete checkpoint, and time-based checkpoints.
 
 Slurm warns a job before it ends it (`#SBATCH --signal=B:USR1@300` in slurm/train.sbatch; SIGTERM on preemption or
-scancel). Every rank records the signal from process start (medtune.stop_signal); `PreemptionCallback` turns it into
-"save and stop at the end of this step" on all ranks together, so the checkpoint holds everything the Trainer needs
+scancel). Every rank records the signal from process start (medtune.training.stop_signal); `PreemptionCallback` turns
+it into "save and stop at the end of this step" on all ranks together, so the checkpoint holds everything the Trainer
+needs
 for an exact resume (adapter, optimizer, scheduler, RNG states, global step -> data position). The process then
 exits with EXIT_PREEMPTED, and the batch script, which outlives every rank, requeues the job; the requeued job
 resumes from the newest complete checkpoint (medtune.checkpoints).
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from accelerate import PartialState
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from medtune import stop_signal
+from medtune.training import stop_signal
 from medtune.checkpoints import checkpoint_dir, mark_complete, rotate, unmark
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,9 @@ class PreemptionCallback(TrainerCallback):
     with save_strategy steps, a save) at the step end, and for both again at the epoch end that the stopped step
     leads to (`on_epoch_end`, with eval/save_strategy epoch); this callback, added after it, takes those back.
 
-    It also owns the recipe's `save_total_limit` (the Trainer gets None: medtune.trainer_arguments): old checkpoints
-    are deleted only after the new one is complete. Add it after every callback that writes into checkpoint folders
-    (the marker must be the last file).
+    It also owns the recipe's `save_total_limit` (the Trainer gets None: medtune.training.trainer_arguments): old
+    checkpoints are deleted only after the new one is complete. Add it after every callback that writes into checkpoint
+    folders (the marker must be the last file).
     """
 
     def __init__(self, save_every_minutes: float = 0, save_total_limit: int | None = None,

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medtune.inference.gguf import GGUFError, read_gguf
+
 logger = logging.getLogger(__name__)
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")
@@ -47,19 +49,15 @@ PRE_TOKENIZERS = {
 }
 
 
-class GGUFExportError(ValueError):
-    """A model, type or file that cannot be written or read back as GGUF; the message says what to do."""
-
-
 def check_types(types: list[str]) -> list[str]:
     bad = [t for t in types if t not in GGUF_TYPES]
     if bad:
-        raise GGUFExportError(f"unsupported GGUF type {', '.join(bad)}: choose from {', '.join(GGUF_TYPES)}")
+        raise GGUFError(f"unsupported GGUF type {', '.join(bad)}: choose from {', '.join(GGUF_TYPES)}")
     if "q4_k_m" in types:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
-            raise GGUFExportError("q4_k_m is quantized by llama.cpp: install llama-cpp-python (make local), or "
+            raise GGUFError("q4_k_m is quantized by llama.cpp: install llama-cpp-python (make local), or "
                                   "choose f16, bf16 or q8_0") from None
     return list(dict.fromkeys(types))
 
@@ -68,25 +66,25 @@ def check_architecture(config: dict, where: str | Path) -> None:
     """Refuse (before any work) a model config outside the llama family."""
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
-        raise GGUFExportError(f"{where}: architecture {arch} is not supported for GGUF export (supported: "
+        raise GGUFError(f"{where}: architecture {arch} is not supported for GGUF export (supported: "
                               f"{', '.join(ARCHITECTURES)}); serve the safetensors folder with transformers or vLLM")
     if config.get("rope_scaling") or (config.get("rope_parameters") or {}).get("rope_type", "default") != "default":
-        raise GGUFExportError(f"{where}: rope scaling is not supported for GGUF export")
+        raise GGUFError(f"{where}: rope scaling is not supported for GGUF export")
 
 
 def write_gguf(model_dir: str | Path, types: list[str], out_dir: str | Path | None = None) -> list[Path]:
     """`model-<type>.gguf` files of the model folder, in `out_dir` (default: the folder itself), each checked, each
-    with an Ollama Modelfile beside it where its chat template allows one (medtune.modelfile)."""
+    with an Ollama Modelfile beside it where its chat template allows one (medtune.export.modelfile)."""
     from transformers import AutoTokenizer
 
-    from medtune.chat_format import ChatFormat
-    from medtune.modelfile import ModelfileError, write_modelfile
+    from medtune.inference.chat_format import ChatFormat
+    from medtune.export.modelfile import ModelfileError, write_modelfile
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir or model_dir)
     types = check_types(types)
     if not (model_dir / "config.json").is_file():
-        raise GGUFExportError(f"{model_dir}: no config.json, not a model folder")
+        raise GGUFError(f"{model_dir}: no config.json, not a model folder")
     config = json.loads((model_dir / "config.json").read_text())
     check_architecture(config, model_dir / "config.json")
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -145,11 +143,11 @@ def _vocab(model_dir: Path, tok, fmt, n_vocab: int) -> dict:
         try:
             source = gguf.BpeVocab(model_dir)
         except (FileNotFoundError, ValueError) as err:
-            raise GGUFExportError(f"{model_dir / 'tokenizer.json'}: neither SentencePiece nor byte-level BPE ({err}); "
+            raise GGUFError(f"{model_dir / 'tokenizer.json'}: neither SentencePiece nor byte-level BPE ({err}); "
                                   "not supported for GGUF export") from None
         pre = next((name for name, value in PRE_TOKENIZERS.items() if value == tokenizer_json["pre_tokenizer"]), None)
         if pre is None:
-            raise GGUFExportError(f"{model_dir / 'tokenizer.json'}: pre_tokenizer {tokenizer_json['pre_tokenizer']} "
+            raise GGUFError(f"{model_dir / 'tokenizer.json'}: pre_tokenizer {tokenizer_json['pre_tokenizer']} "
                                   f"has no llama.cpp equivalent known here ({', '.join(PRE_TOKENIZERS)})")
         model, tokens, scores, types, space_prefix = "gpt2", [], [], [], None
         for text, score, kind in source.all_tokens():
@@ -168,7 +166,7 @@ def _vocab(model_dir: Path, tok, fmt, n_vocab: int) -> dict:
     types = (types + [gguf.TokenType.UNUSED] * len(pad))[:n_vocab]
     for name, i in (("bos", tok.bos_token_id), ("end of turn", fmt.end_of_turn_id)):
         if i is not None and i >= n_vocab:
-            raise GGUFExportError(f"{model_dir}: the {name} token (id {i}) is past the {n_vocab} embedding rows")
+            raise GGUFError(f"{model_dir}: the {name} token (id {i}) is past the {n_vocab} embedding rows")
     ids = {"bos": tok.bos_token_id, "eos": fmt.end_of_turn_id, "eot": fmt.end_of_turn_id,
            "unk": tok.unk_token_id, "pad": tok.pad_token_id}
     return {"model": model, "pre": pre, "space_prefix": space_prefix, "tokens": tokens, "scores": scores,
@@ -184,7 +182,7 @@ def _tensors(model_dir: Path):
 
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise GGUFExportError(f"{model_dir}: no .safetensors weights")
+        raise GGUFError(f"{model_dir}: no .safetensors weights")
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
@@ -249,7 +247,7 @@ def _write(path: Path, model_dir: Path, config: dict, vocab: dict, kind: str) ->
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise GGUFExportError(f"{model_dir}: tensor {hf_name} has no GGUF name in the llama family")
+            raise GGUFError(f"{model_dir}: tensor {hf_name} has no GGUF name in the llama family")
         if hf_name.endswith("q_proj.weight"):
             data = _permute(data, n_head)
         elif hf_name.endswith("k_proj.weight"):
@@ -279,24 +277,8 @@ def _llama_cpp_quantize(source: Path, out: Path) -> None:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params) != 0:
         tmp.unlink(missing_ok=True)
-        raise GGUFExportError(f"{source}: llama.cpp's quantizer failed (its log above says why)")
+        raise GGUFError(f"{source}: llama.cpp's quantizer failed (its log above says why)")
     os.replace(tmp, out)
-
-
-def read_gguf(path: str | Path):
-    """GGUFReader of `path`, or an error naming the file and what is wrong with it."""
-    from gguf import GGUFReader
-
-    path = Path(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFExportError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    try:
-        return GGUFReader(path)
-    except (ValueError, IndexError, OSError) as err:
-        raise GGUFExportError(f"{path}: a damaged or truncated GGUF file ({err}); write or download it again") \
-            from None
 
 
 def check_gguf(path: Path, vocab: dict, kind: str) -> None:
@@ -318,8 +300,8 @@ def check_gguf(path: Path, vocab: dict, kind: str) -> None:
         field = reader.get_field(key)
         found = None if field is None else field.contents()
         if found != value:
-            raise GGUFExportError(f"{path}: key {key} is {str(found)[:80]!r}, expected {str(value)[:80]!r}")
+            raise GGUFError(f"{path}: key {key} is {str(found)[:80]!r}, expected {str(value)[:80]!r}")
     tokens = reader.get_field("tokenizer.ggml.tokens")
     if tokens is None or len(tokens.data) != len(vocab["tokens"]):
-        raise GGUFExportError(f"{path}: key tokenizer.ggml.tokens holds {0 if tokens is None else len(tokens.data)} "
+        raise GGUFError(f"{path}: key tokenizer.ggml.tokens holds {0 if tokens is None else len(tokens.data)} "
                               f"tokens, expected {len(vocab['tokens'])}")
