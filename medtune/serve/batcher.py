@@ -3,10 +3,12 @@
 Requests wait in a queue (at most `max_queue`). Between two steps the thread prefills the waiting requests that fit
 (fewer than `max_batch_size` rows in all) and joins them to the running batch, as vLLM's continuous batching does: a
 request that arrives while a long reply is being generated starts at the next step and shares one forward pass per
-step with it, instead of waiting for the long reply to end. Each step gives every row its next token, which goes
-straight into that request's own asyncio queue (one hand-over to the event loop per step, for all rows): the thread
-never waits for a client, so a slow or stalled reader holds only its own (bounded) backlog. A request that is
-cancelled (its client went away) or past its deadline leaves its batch at the next step.
+step with it, instead of waiting for the long reply to end; when more wait than fit, they are taken once half a
+batch is free, so that one prefill pass serves several. Each step gives every row its next token; a streamed
+request's text goes straight into its own asyncio queue (one hand-over to the event loop per step, for all rows), a
+plain request gets its reply when it ends. The thread never waits for a client, so a slow or stalled reader holds
+only its own (bounded) backlog. A request that is cancelled (its client went away) or past its deadline leaves its
+batch at the next step.
 """
 
 from __future__ import annotations
