@@ -154,3 +154,51 @@ def test_cli_refuses_unsafe_or_contradictory_settings(argv, message, capsys, mon
     with pytest.raises(SystemExit):
         cli.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_the_users_openai_account_is_not_sent_to_other_servers(monkeypatch):
+    """The openai client adds OPENAI_ORG_ID / OPENAI_PROJECT_ID as headers; medtune's clients (medtune-eval
+    --endpoint, medtune-serve --upstream) talk to other servers and leave them out."""
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from medtune.eval.endpoint import connect
+    from medtune.serve.upstream import UpstreamBackend
+
+    seen = []
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append(dict(self.headers))
+            body = b'{"object": "list", "data": [{"id": "m", "object": "model"}]}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-private")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-private")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        assert connect(url, None, None).model == "m"
+
+        async def upstream_models():
+            backend = UpstreamBackend(url)
+            await backend.start()
+            try:
+                return await backend.models()
+            finally:
+                await backend.close()
+
+        assert asyncio.run(upstream_models())[0]["id"] == "m"
+    finally:
+        server.shutdown()
+    assert len(seen) == 2
+    assert not [h for headers in seen for h in headers if h.lower() in ("openai-organization", "openai-project")]

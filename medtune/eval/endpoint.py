@@ -37,6 +37,9 @@ from medtune.eval.prompt import row_messages
 API_KEY_ENV = "MEDTUNE_EVAL_API_KEY"
 TIMEOUT = httpx.Timeout(600.0, connect=10.0)  # a reply queued behind a full batch on a busy server takes minutes
 NO_KEY = "none"  # the openai client needs a key; a server without one ignores it
+# The openai client adds OPENAI_ORG_ID / OPENAI_PROJECT_ID from the environment: an account of the user's that an
+# evaluated server or an upstream (vLLM, anyone's) has no business seeing.
+NO_ACCOUNT_HEADERS = {"OpenAI-Organization": openai.Omit(), "OpenAI-Project": openai.Omit()}
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ def connect(url: str, api_key: str | None, served_model: str | None, flag: str =
     # One attempt: a wrong URL or key is reported at once. The answer is read raw, to quote it when it is no list;
     # on httpx (the client's default is httpx2), whose responses and errors this module reads.
     with openai.OpenAI(base_url=base, api_key=api_key or NO_KEY, timeout=30, max_retries=0,
-                       http_client=httpx.Client()) as client:
+                       default_headers=NO_ACCOUNT_HEADERS, http_client=httpx.Client()) as client:
         try:
             response = client.models.with_raw_response.list().http_response
         except openai.APIConnectionError as e:
@@ -129,7 +132,7 @@ def open_client(endpoint: Endpoint, concurrency: int, max_attempts: int, answers
     counted in `answers`. Close it (`async with`)."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     return openai.AsyncOpenAI(base_url=endpoint.url, api_key=endpoint.api_key or NO_KEY, timeout=TIMEOUT,
-                              max_retries=max_attempts - 1,
+                              max_retries=max_attempts - 1, default_headers=NO_ACCOUNT_HEADERS,
                               http_client=httpx.AsyncClient(transport=_CountingTransport(answers, limits=limits)))
 
 

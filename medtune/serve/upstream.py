@@ -19,6 +19,7 @@ import anyio
 import httpx
 import openai
 
+from medtune.eval.endpoint import NO_ACCOUNT_HEADERS
 from medtune.serve.errors import APIError
 from medtune.serve.protocol import ChatParams, sse
 
@@ -39,7 +40,8 @@ class UpstreamBackend:
         # No retries: one would hold a place under --max-queue and run past the caller's deadline. On httpx (the
         # client's default is httpx2), whose errors _relay catches.
         self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self._timeout,
-                                         max_retries=0, http_client=httpx.AsyncClient())
+                                         max_retries=0, default_headers=NO_ACCOUNT_HEADERS,
+                                         http_client=httpx.AsyncClient())
 
     async def close(self) -> None:
         await self.client.close()
