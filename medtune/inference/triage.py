@@ -157,7 +157,10 @@ class Rules:
         scope = tokens[lo:start]
         return any(lo + i not in pseudo for t in self.triggers for i in _occurrences(t, scope))
 
-    def found(self, phrase: _Phrase, sentences: list[tuple[list[str], dict]]) -> bool:
+    def found(self, phrase: _Phrase, sentences: list[tuple[list[str], dict]], words: set[str]) -> bool:
+        exact, prefixes = phrase.parts[0]
+        if exact.isdisjoint(words) and not (prefixes and any(w.startswith(prefixes) for w in words)):
+            return False  # its first word is nowhere in the message: most phrases, for most messages
         return any(phrase.match_at(tokens, i) and not self.negated(tokens, i)
                    for tokens, index in sentences for i in phrase.starts(index))
 
@@ -168,7 +171,8 @@ class Rules:
             for i, t in enumerate(tokens):
                 index.setdefault(t, []).append(i)
             sentences.append((tokens, index))
-        fired = [r for r in self.rules if all(any(self.found(p, sentences) for p in g) for g in r["all"])]
+        words = {w for _, index in sentences for w in index}
+        fired = [r for r in self.rules if all(any(self.found(p, sentences, words) for p in g) for g in r["all"])]
         if not fired:
             return Triage("none")
         level = max((r["level"] for r in fired), key=LEVELS.index)
