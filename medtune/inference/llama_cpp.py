@@ -124,7 +124,7 @@ class LlamaCppModel:
 
     def acquire(self, needs: list[int]) -> list[int]:
         """Sequences for replies that take `needs` KV cells each (prompt and max tokens), reserved until released."""
-        if len(needs) > len(self._free) or sum(needs) > self.cells_free:
+        if self.fits(needs) < len(needs):
             raise RuntimeError(f"{len(needs)} replies of {sum(needs)} tokens in all do not fit: {len(self._free)} of "
                                f"{self.max_sequences} sequences and {self.cells_free} of {self.context_size} KV cells "
                                "are free")
