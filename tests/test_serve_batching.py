@@ -279,6 +279,7 @@ def test_serve_load_benchmark_code_path(tmp_path):
                               "--stream", "--json", str(out)])
     assert [r["side"] for r in result["rows"]] == ["batched", "one_at_a_time"]
     assert result["identical_replies"] and json.loads(out.read_text())["rows"][1]["ratio"] == 1.0
+    assert all(row["client_cpu_ms"] > 0 and "server_cpu_ms" in row for row in result["rows"])
 
 
 @pytest.mark.slow
