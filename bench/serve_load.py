@@ -23,10 +23,10 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 from bench._common import TINY_DIR, interleave, machine, median, print_table, write_json
 
 SYMPTOMS = ["a sore throat", "a dry cough", "a headache behind the eyes", "a swollen ankle", "an itchy rash",
@@ -60,10 +60,14 @@ def wait_ready(url: str, proc: subprocess.Popen) -> None:
     raise RuntimeError(f"medtune-serve at {url} did not start")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of process `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int | None = None) -> float:
+    """User and system CPU time so far of process `pid`, in clock ticks (10 ms); of this process without a pid, in
+    microseconds (a short round's clients take less than a tick)."""
+    if pid is None:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return own.ru_utime + own.ru_stime
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def load_round(url: str, server_pid: int, clients: int, requests: int, max_tokens: int, stream: bool) -> dict:
@@ -100,15 +104,13 @@ def load_round(url: str, server_pid: int, clients: int, requests: int, max_token
         finally:
             conn.close()
 
-    server_cpu = cpu_seconds(server_pid)
-    start, own = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    server_cpu, own_cpu, start = cpu_seconds(server_pid), cpu_seconds(), time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_SELF)
     return {"seconds": seconds, "requests_per_s": requests / seconds, "tokens_per_s": sum(tokens) / seconds,
             "server_cpu_ms": 1e3 * (cpu_seconds(server_pid) - server_cpu) / requests,
-            "client_cpu_ms": 1e3 * (after.ru_utime + after.ru_stime - own.ru_utime - own.ru_stime) / requests,
+            "client_cpu_ms": 1e3 * (cpu_seconds() - own_cpu) / requests,
             "replies": [replies[i] for i in range(requests)]}
 
 
